@@ -1,0 +1,53 @@
+# mnist_opt — every target sets up .venv itself on first use.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+NAME ?= mlp_tpe
+ARGS ?=
+PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+
+# Data: $MNIST_OPT_DATA if set; else ../shared/data when it exists (offline machines);
+# else the package downloads the files into ~/.cache/mnist_opt/data.
+ifeq ($(origin MNIST_OPT_DATA), undefined)
+  ifneq ($(wildcard ../shared/data/mnist),)
+    export MNIST_OPT_DATA := $(abspath ../shared/data)
+  endif
+endif
+STORAGE := $(or $(OPTUNA_STORAGE),sqlite:///studies/optuna.db)
+TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
+
+.PHONY: help install study retrain list test dashboard mlflow-ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install mnist_opt with its pinned dependencies
+
+study: install  ## run or continue a study: make study NAME=mlp_tpe [ARGS="--n-trials 5"]
+	$(BIN)/mnist-opt study $(NAME) $(ARGS)
+
+retrain: install  ## retrain the best trial, test it, register it: make retrain NAME=mlp_tpe
+	$(BIN)/mnist-opt retrain $(NAME) $(ARGS)
+
+list: install  ## list the studies in studies/
+	$(BIN)/mnist-opt list
+
+test: install  ## run the test suite (real training on small subsets)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+dashboard: install  ## optuna-dashboard on the study storage, http://127.0.0.1:8080
+	$(BIN)/optuna-dashboard --host $(HOST) --port 8080 $(STORAGE)
+
+mlflow-ui: install  ## the MLflow UI on the tracking store, http://127.0.0.1:5000
+	@mkdir -p mlruns
+	$(BIN)/mlflow ui --host $(HOST) --port 5000 --backend-store-uri $(TRACKING)
+
+clean:  ## remove .venv (studies/*.db and mlruns/ are kept: they hold your results)
+	rm -rf $(VENV) *.egg-info

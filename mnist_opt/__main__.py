@@ -1,0 +1,3 @@
+from mnist_opt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""``mnist-opt``: list studies, run a study, retrain its best trial.
+
+Exit status: 0 done, 2 bad input (unknown study, invalid study file, missing or corrupt
+data, nothing to retrain), 1 anything unexpected. Heavy imports (TensorFlow, MLflow) are
+deferred so that ``list`` and argument errors answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from mnist_opt.config import find_study, known_studies, load_config, studies_dir, with_overrides
+from mnist_opt.errors import MnistOptError, StudyFileError
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quick-run overrides (study file values otherwise)")
+    group.add_argument("--n-trials", type=int, help="trials to run in this invocation (study only)")
+    group.add_argument("--timeout", type=int, help="seconds before no new trial starts (study only)")
+    group.add_argument("--max-epochs", type=int, help="epochs per trial / for the retrain")
+    group.add_argument("--train-subset", type=int, help="stratified subset of the training images")
+    group.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, "
+                                         "else sqlite:///studies/optuna.db)")
+
+
+def _config(args: argparse.Namespace):
+    for flag in ("n_trials", "timeout", "max_epochs", "train_subset"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise StudyFileError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    return with_overrides(find_study(args.name), args.n_trials, args.timeout, args.max_epochs,
+                          args.train_subset)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List the studies in studies/ with their dataset, model, sampler and pruner."""
+    rows = []
+    for name in known_studies():
+        try:
+            cfg = load_config(studies_dir() / f"{name}.yaml")
+            rows.append({"name": name, "dataset": cfg.dataset, "model": cfg.model,
+                         "sampler": cfg.search.sampler, "pruner": cfg.search.pruner,
+                         "n_trials": cfg.search.n_trials, "description": cfg.description})
+        except StudyFileError as exc:
+            rows.append({"name": name, "dataset": "INVALID", "model": "", "sampler": "",
+                         "pruner": "", "n_trials": "", "description": str(exc).splitlines()[0]})
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["name", "dataset", "model", "sampler", "pruner", "n_trials", "description"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run (or continue) a study: Optuna search with every trial tracked in MLflow."""
+    cfg = _config(args)
+    from mnist_opt import runner
+
+    storage = runner.resolve_storage(args.storage)
+    print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
+          f"pruner {cfg.search.pruner}, {cfg.search.n_trials} trials × ≤{cfg.training.max_epochs} "
+          f"epochs, storage {storage}", flush=True)
+    study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet)
+    result = runner.summary(study)
+    print(f"\nstudy {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
+          f"{result['fail']} failed trials in storage")
+    if "best_value" in result:
+        print(f"best trial {result['best_trial']}: {cfg.search.metric} {result['best_value']:.4f}")
+        print(f"best params: {json.dumps(result['best_params'])}")
+    print(f"next: make retrain NAME={cfg.name}   browse: make dashboard / make mlflow-ui")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Retrain the best trial on train+validation, evaluate on test, register the model."""
+    cfg = _config(args)
+    from mnist_opt.retrain import retrain
+
+    res = retrain(cfg, args.storage, verbose=not args.quiet)  # few epochs: always shown
+    print(f"\n{cfg.name}: best trial {res.trial_number} retrained for {cfg.retrain_epochs} epochs")
+    print(f"test accuracy {res.test_accuracy:.4f}   (best validation accuracy "
+          f"{res.val_accuracy:.4f})   test loss {res.test_loss:.4f}")
+    print(f"MLflow run {res.run_id}; registered model {cfg.name} version {res.model_version} "
+          f"(models:/{cfg.name}/{res.model_version})")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": cmd_list, "study": cmd_study, "retrain": cmd_retrain}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-opt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func in COMMANDS.items():
+        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        p.add_argument("-v", "--verbose", action="store_true", help="one line per epoch")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        if name == "list":
+            p.add_argument("-f", "--format", choices=["table", "json"], default="table")
+        else:
+            p.add_argument("name", help="study name (a file studies/NAME.yaml) or a path to one")
+            _overrides(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MnistOptError as exc:
+        print(f"mnist-opt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

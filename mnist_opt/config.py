@@ -1,0 +1,214 @@
+"""Study files: YAML in ``studies/``, validated on load.
+
+A study is data. The file names the dataset, the model family, the sampler and pruner and
+the ranges of the search space; :mod:`mnist_opt.space` turns the ranges into
+``trial.suggest_*`` calls. A bad file raises :class:`StudyFileError` naming the file, the
+field and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mnist_opt.errors import StudyFileError
+
+Scalar = Union[bool, int, float, str]
+
+
+class UnknownStudyError(StudyFileError):
+    def __init__(self, name: str, known: list[str], directory: Path):
+        self.known = known
+        super().__init__(
+            f"unknown study {name!r}; known studies in {directory}: {', '.join(known) or '(none)'}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Choice(_Strict):
+    """A categorical parameter: ``{choices: [a, b, c]}``."""
+    choices: list[Scalar] = Field(min_length=1)
+
+
+class Range(_Strict):
+    """A numeric range: ``{low, high, log?, step?, grid?}``; ints when low and high are ints."""
+    low: float
+    high: float
+    log: bool = False
+    step: Optional[float] = None
+    grid: Optional[list[float]] = None  # the values GridSampler tries; required for grid studies
+    is_int: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_int(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "is_int" not in value:
+            ints = all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
+                       for k in ("low", "high"))
+            value = {**value, "is_int": ints}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log ranges need low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a range cannot have both log and step")
+        return self
+
+
+ParamSpec = Union[Choice, Range, Scalar]
+
+MODEL_PARAMS = {
+    "mlp": {"n_layers", "units", "dropout", "batch_norm", "activation"},
+    "cnn": {"n_blocks", "filters", "kernel_size", "padding", "pooling", "batch_norm", "activation",
+            "conv_dropout", "head", "dense_units", "dropout"},
+}
+TRAINING_PARAMS = {"optimizer", "learning_rate", "batch_size", "lr_schedule", "lr_decay",
+                   "weight_decay"}
+PER_LAYER = {"units", "dropout", "filters"}  # may be a list: one spec per layer/block
+
+
+class DataConfig(_Strict):
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 48
+    train_subset: Optional[int] = Field(None, ge=100)
+
+
+class SearchConfig(_Strict):
+    sampler: Literal["tpe", "gp", "random", "grid", "qmc"] = "tpe"
+    n_startup_trials: int = Field(10, ge=0)
+    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    n_warmup_steps: int = Field(1, ge=0)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    n_trials: int = Field(20, ge=1)
+    timeout: Optional[int] = Field(None, ge=1)
+    seed: int = 48
+
+
+class TrainingConfig(_Strict):
+    max_epochs: int = Field(10, ge=1)
+    retrain_epochs: Optional[int] = Field(None, ge=1)
+
+
+class StudyConfig(_Strict):
+    name: str
+    description: str = ""
+    dataset: Literal["mnist", "fashion-mnist"]
+    model: Literal["mlp", "cnn"]
+    data: DataConfig = DataConfig()
+    search: SearchConfig = SearchConfig()
+    training: TrainingConfig = TrainingConfig()
+    space: dict[str, Union[ParamSpec, list[ParamSpec]]]
+    path: Optional[Path] = None
+    digest: str = ""
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, space: dict, info) -> dict:
+        allowed = MODEL_PARAMS[info.data["model"]] | TRAINING_PARAMS if "model" in info.data else None
+        if allowed is None:
+            return space
+        for key, spec in space.items():
+            if key not in allowed:
+                raise ValueError(f"unknown parameter {key!r} for model "
+                                 f"{info.data['model']!r}; allowed: {', '.join(sorted(allowed))}")
+            if isinstance(spec, list) and key not in PER_LAYER:
+                raise ValueError(f"{key!r} cannot be a per-layer list; only {sorted(PER_LAYER)} can")
+        return space
+
+    @model_validator(mode="after")
+    def _grid_needs_values(self) -> "StudyConfig":
+        if self.search.sampler != "grid":
+            return self
+        for key, spec in self.space.items():
+            for item in spec if isinstance(spec, list) else [spec]:
+                if isinstance(item, Range) and item.grid is None and not (item.is_int and item.step):
+                    raise ValueError(f"space.{key}: the grid sampler needs 'grid: [values]' "
+                                     "for float ranges (or an int range with step)")
+        return self
+
+    @property
+    def retrain_epochs(self) -> int:
+        return self.training.retrain_epochs or self.training.max_epochs
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "Choice",
+                                                                               "Range", "list[")))
+        lines.append(f"{path}: {loc or '(top level)'}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str) -> StudyConfig:
+    """Parse and validate one study file; the study's name is the file's name."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise StudyFileError(f"{path}: cannot read study file ({exc.strerror})") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyFileError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise StudyFileError(f"{path}: a study file must be a YAML mapping, got {type(doc).__name__}")
+    if "name" in doc or "path" in doc or "digest" in doc:
+        raise StudyFileError(f"{path}: 'name', 'path' and 'digest' are set from the file; remove them")
+    try:
+        return StudyConfig(**doc, name=path.stem, path=path.resolve(),
+                           digest=hashlib.sha256(text.encode()).hexdigest()[:16])
+    except ValidationError as err:
+        raise StudyFileError(_format_errors(path, err)) from None
+
+
+def studies_dir() -> Path:
+    """``$MNIST_OPT_STUDIES``, else ``./studies``, else the studies shipped beside the package."""
+    env = os.environ.get("MNIST_OPT_STUDIES")
+    if env:
+        return Path(env).expanduser().resolve()
+    local = Path.cwd() / "studies"
+    return local.resolve() if local.is_dir() else Path(__file__).resolve().parent.parent / "studies"
+
+
+def known_studies(directory: Path | None = None) -> list[str]:
+    directory = directory or studies_dir()
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def find_study(name: str, directory: Path | None = None) -> StudyConfig:
+    """A study by name (``studies/NAME.yaml``) or by path to a YAML file."""
+    if name.endswith((".yaml", ".yml")) and Path(name).exists():
+        return load_config(name)
+    directory = directory or studies_dir()
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        raise UnknownStudyError(name, known_studies(directory), directory)
+    return load_config(path)
+
+
+def with_overrides(cfg: StudyConfig, n_trials: int | None = None, timeout: int | None = None,
+                   max_epochs: int | None = None, train_subset: int | None = None) -> StudyConfig:
+    """A copy of ``cfg`` with the command line's quick-run overrides applied (None = keep)."""
+    def pick(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    return cfg.model_copy(update={
+        "search": cfg.search.model_copy(update=pick(n_trials=n_trials, timeout=timeout)),
+        "training": cfg.training.model_copy(update=pick(max_epochs=max_epochs,
+                                                        retrain_epochs=max_epochs)),
+        "data": cfg.data.model_copy(update=pick(train_subset=train_subset)),
+    })

@@ -1,0 +1,17 @@
+"""Errors a user can fix; the CLI prints their message alone and exits with status 2."""
+
+
+class MnistOptError(Exception):
+    """Bad input: ``str()`` says what is wrong and how to fix it."""
+
+
+class StudyFileError(MnistOptError, ValueError):
+    """A study file that is missing or invalid (file, field, allowed values)."""
+
+
+class DataError(MnistOptError):
+    """Missing, truncated or corrupt dataset files (the path and the checksum)."""
+
+
+class RetrainError(MnistOptError):
+    """No study, or no completed trial, to retrain."""

@@ -1,0 +1,175 @@
+"""End to end: a real 3-trial study on 3,000 MNIST images, then retrain, against real stores."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_opt import data
+from mnist_opt.config import find_study, with_overrides
+from mnist_opt.retrain import retrain
+from mnist_opt.runner import run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+N_TRIALS, EPOCHS, SUBSET = 3, 2, 3000
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory):
+    """Run `mlp_tpe` (3 trials × 2 epochs) and retrain it once; the tests below inspect the stores."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        (tmp / "mlruns").mkdir()
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
+        storage = f"sqlite:///{tmp / 'optuna.db'}"
+        cfg = with_overrides(find_study("mlp_tpe", ROOT / "studies"), n_trials=N_TRIALS,
+                             max_epochs=EPOCHS, train_subset=SUBSET)
+        study = run_study(cfg, storage, verbose=False, progress=False)
+        result = retrain(cfg, storage, verbose=False)
+        yield {"cfg": cfg, "study": study, "storage": storage, "retrain": result,
+               "client": MlflowClient(), "tmp": tmp}
+
+
+def _runs(client: MlflowClient, name: str, kind: str):
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], f"tags.`mnist_opt.kind` = '{kind}'")
+
+
+def test_trials_are_in_storage_with_states(finished):
+    study = optuna.load_study(study_name="mlp_tpe", storage=finished["storage"])
+    assert len(study.trials) == N_TRIALS
+    assert [t.number for t in study.trials] == list(range(N_TRIALS))
+    finished_states = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert all(t.state in finished_states for t in study.trials)
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(t.user_attrs.get("mlflow_run_id") for t in study.trials)
+
+
+def test_one_parent_run_and_one_nested_run_per_trial(finished):
+    client = finished["client"]
+    parents = _runs(client, "mlp_tpe", "study")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dataset"] == "mnist" and parent.data.params["search.sampler"] == "tpe"
+    assert parent.data.params["n_train"] == str(int(SUBSET * 0.9))
+    trials = _runs(client, "mlp_tpe", "trial")
+    assert len(trials) == N_TRIALS
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    study = finished["study"]
+    assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in study.trials}
+
+
+def test_nested_runs_hold_params_curves_state_and_models(finished):
+    client = finished["client"]
+    for trial in finished["study"].trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["trial_number"] == str(trial.number)
+        for key, value in trial.params.items():
+            assert run.data.params[key] == str(value)
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == sorted(trial.intermediate_values)
+        assert [m.value for m in history] == pytest.approx(
+            [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)])
+        for key in ("loss", "accuracy", "val_loss"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == len(history)
+        assert run.data.metrics["duration_s"] > 0
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert run.data.tags["state"] == "complete" and run.info.status == "FINISHED"
+            model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+            probs = model.predict(np.zeros((2, 28, 28, 1), np.float32), verbose=0)
+            assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+        else:
+            assert run.data.tags["state"] == "pruned" and run.info.status == "KILLED"
+
+
+def test_retrain_logs_test_accuracy_and_registers_a_model(finished):
+    res, client = finished["retrain"], finished["client"]
+    study = finished["study"]
+    assert res.trial_number == study.best_trial.number
+    run = client.get_run(res.run_id)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(res.test_accuracy)
+    assert 0.5 < res.test_accuracy <= 1.0  # 2 epochs on 3,000 images: well above chance (0.1)
+    assert run.data.tags["source_trial"] == str(study.best_trial.number)
+    versions = client.search_model_versions("name = 'mlp_tpe'")
+    assert [str(v.version) for v in versions] == [res.model_version] == ["1"]
+    assert versions[0].run_id == res.run_id
+    ds = data.load("mnist")
+    x = data.to_float(ds.x_test[:200])
+    model = mlflow.pyfunc.load_model(f"models:/mlp_tpe/{res.model_version}")
+    probs = np.asarray(model.predict(x))
+    assert probs.shape == (200, 10)
+    assert (probs.argmax(axis=1) == ds.y_test[:200]).mean() > 0.5
+
+
+def test_rerun_continues_the_same_study(finished):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(finished["tmp"])
+        cfg = with_overrides(finished["cfg"], n_trials=1, max_epochs=1)
+        study = run_study(cfg, finished["storage"], verbose=False, progress=False)
+    assert len(study.trials) == N_TRIALS + 1
+    assert len(_runs(finished["client"], "mlp_tpe", "study")) == 2
+
+
+def test_cnn_study_with_gp_sampler(stores):
+    cfg = with_overrides(find_study("cnn_gp"), n_trials=2, max_epochs=1, train_subset=1000)
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    assert len(study.trials) == 2
+    assert isinstance(study.sampler, optuna.samplers.GPSampler)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(t.user_attrs["n_params"] > 0 for t in study.trials)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mnist_opt", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_study_then_retrain(stores, tmp_path):
+    quick = ["--n-trials", "2", "--max-epochs", "1", "--train-subset", "1000"]
+    proc = _cli("study", "fashion_mlp_tpe", *quick, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "study fashion_mlp_tpe: 2 complete" in proc.stdout or "pruned" in proc.stdout
+    proc = _cli("retrain", "fashion_mlp_tpe", *quick, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy 0." in proc.stdout and "best validation accuracy 0." in proc.stdout
+
+
+def test_cli_unknown_study_lists_known_ones(stores, tmp_path):
+    proc = _cli("study", "mlp_tpee", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown study 'mlp_tpee'" in proc.stderr and "mlp_tpe" in proc.stderr
+    assert "cnn_gp" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_invalid_study_file_names_file_field_and_allowed_values(stores, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "studies" / "mlp_tpe.yaml").read_text().replace("sampler: tpe",
+                                                                          "sampler: bayes"))
+    proc = _cli("study", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr and "search.sampler" in proc.stderr and "'tpe'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_retrain_without_a_study_says_what_to_run(stores, tmp_path):
+    proc = _cli("retrain", "mlp_random", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "mnist-opt study mlp_random" in proc.stderr
+
+
+def test_cli_list_shows_every_shipped_study(stores, tmp_path):
+    proc = _cli("list", cwd=tmp_path)
+    assert proc.returncode == 0
+    for name in ("mlp_tpe", "mlp_hyperband", "mlp_random", "cnn_gp", "fashion_mlp_tpe",
+                 "fashion_cnn_tpe"):
+        assert name in proc.stdout
