@@ -6,6 +6,8 @@ NAME ?= mlp_tpe
 ARGS ?=
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
+DASHBOARD_PORT ?= 8080
+MLFLOW_PORT ?= 5000
 
 # Data: $MNIST_OPT_DATA if set; else ../shared/data when it exists (offline machines);
 # else the package downloads the files into ~/.cache/mnist_opt/data.
@@ -43,11 +45,11 @@ test: install  ## run the test suite (real training on small subsets)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 dashboard: install  ## optuna-dashboard on the study storage, http://127.0.0.1:8080
-	$(BIN)/optuna-dashboard --host $(HOST) --port 8080 $(STORAGE)
+	$(BIN)/optuna-dashboard --host $(HOST) --port $(DASHBOARD_PORT) $(STORAGE)
 
 mlflow-ui: install  ## the MLflow UI on the tracking store, http://127.0.0.1:5000
 	@mkdir -p mlruns
-	$(BIN)/mlflow ui --host $(HOST) --port 5000 --backend-store-uri $(TRACKING)
+	$(BIN)/mlflow ui --host $(HOST) --port $(MLFLOW_PORT) --backend-store-uri $(TRACKING)
 
 clean:  ## remove .venv (studies/*.db and mlruns/ are kept: they hold your results)
 	rm -rf $(VENV) *.egg-info

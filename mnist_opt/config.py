@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from mnist_opt.errors import StudyFileError
 
@@ -65,7 +66,20 @@ class Range(_Strict):
         return self
 
 
-ParamSpec = Union[Choice, Range, Scalar]
+def _spec_kind(value: Any) -> str:
+    """Pick the one schema a value is meant for, so a bad range gets one error, not nine."""
+    if isinstance(value, (Choice, Range)):
+        return "choice" if isinstance(value, Choice) else "range"
+    if isinstance(value, dict):
+        return "choice" if "choices" in value else "range"
+    return "per-layer" if isinstance(value, list) else "fixed"
+
+
+ParamSpec = Annotated[Union[Annotated[Choice, Tag("choice")], Annotated[Range, Tag("range")],
+                            Annotated[Scalar, Tag("fixed")]], Discriminator(_spec_kind)]
+SpaceEntry = Annotated[Union[Annotated[Choice, Tag("choice")], Annotated[Range, Tag("range")],
+                             Annotated[Scalar, Tag("fixed")],
+                             Annotated[list[ParamSpec], Tag("per-layer")]], Discriminator(_spec_kind)]
 
 MODEL_PARAMS = {
     "mlp": {"n_layers", "units", "dropout", "batch_norm", "activation"},
@@ -110,7 +124,7 @@ class StudyConfig(_Strict):
     data: DataConfig = DataConfig()
     search: SearchConfig = SearchConfig()
     training: TrainingConfig = TrainingConfig()
-    space: dict[str, Union[ParamSpec, list[ParamSpec]]]
+    space: dict[str, SpaceEntry]
     path: Optional[Path] = None
     digest: str = ""
 
@@ -144,13 +158,32 @@ class StudyConfig(_Strict):
         return self.training.retrain_epochs or self.training.max_epochs
 
 
-def _format_errors(path: Path, err: ValidationError) -> str:
+_TAGS = {"choice", "range", "fixed", "per-layer"}
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key was found, for the error message."""
+    if loc and loc[0] == "space":
+        return sorted(Choice.model_fields if "choice" in loc else set(Range.model_fields) - {"is_int"})
+    section = {"data": DataConfig, "search": SearchConfig, "training": TrainingConfig}
+    model = section.get(loc[0]) if len(loc) == 2 else StudyConfig
+    return sorted(set(model.model_fields) - {"name", "path", "digest"}) if model else []
+
+
+def _format_errors(path: Path | str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "Choice",
-                                                                               "Range", "list[")))
-        lines.append(f"{path}: {loc or '(top level)'}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        shown = ".".join(p for p in loc if p not in _TAGS and not p.startswith(("bool", "int",
+                                                                                  "float", "str")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field; allowed: {', '.join(_allowed_keys(loc))}"
+        got = e.get("input")
+        if isinstance(got, dict):
+            got = {k: v for k, v in got.items() if k != "is_int"}  # our inferred field, not the user's
+        lines.append(f"{path}: {shown or '(top level)'}: {msg} (got {got!r})")
+    return "\n".join(dict.fromkeys(lines))
 
 
 def load_config(path: Path | str) -> StudyConfig:
@@ -203,12 +236,14 @@ def find_study(name: str, directory: Path | None = None) -> StudyConfig:
 def with_overrides(cfg: StudyConfig, n_trials: int | None = None, timeout: int | None = None,
                    max_epochs: int | None = None, train_subset: int | None = None) -> StudyConfig:
     """A copy of ``cfg`` with the command line's quick-run overrides applied (None = keep)."""
-    def pick(**values: Any) -> dict[str, Any]:
-        return {k: v for k, v in values.items() if v is not None}
-
-    return cfg.model_copy(update={
-        "search": cfg.search.model_copy(update=pick(n_trials=n_trials, timeout=timeout)),
-        "training": cfg.training.model_copy(update=pick(max_epochs=max_epochs,
-                                                        retrain_epochs=max_epochs)),
-        "data": cfg.data.model_copy(update=pick(train_subset=train_subset)),
-    })
+    doc = cfg.model_dump()
+    updates = {("search", "n_trials"): n_trials, ("search", "timeout"): timeout,
+               ("training", "max_epochs"): max_epochs, ("training", "retrain_epochs"): max_epochs,
+               ("data", "train_subset"): train_subset}
+    for (section, key), value in updates.items():
+        if value is not None:
+            doc[section][key] = value
+    try:  # validated like the file itself: an override cannot slip past a bound
+        return StudyConfig.model_validate(doc)
+    except ValidationError as err:
+        raise StudyFileError(_format_errors(f"{cfg.path} with command-line overrides", err)) from None

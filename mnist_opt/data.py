@@ -123,11 +123,11 @@ def read_idx_gz(path: Path) -> np.ndarray:
 def download(dataset: str, directory: Path, mirrors: list[str] | None = None, timeout: float = 30) -> None:
     """Fetch the four original files into ``directory``, checking their IDX structure."""
     directory.mkdir(parents=True, exist_ok=True)
-    errors = []
     for name in FILES.values():
         target = directory / name
         if target.exists():
             continue
+        errors = []
         for base in mirrors or MIRRORS[dataset]:
             try:
                 with urllib.request.urlopen(base + name, timeout=timeout) as resp:
@@ -162,12 +162,17 @@ class Dataset:
         return CLASS_NAMES[self.name]
 
 
-@functools.lru_cache(maxsize=None)
-def load(dataset: str, directory: str | None = None) -> Dataset:
-    """Load (once per process) and verify one dataset; download it if it is absent."""
+def load(dataset: str, directory: str | Path | None = None) -> Dataset:
+    """Load (once per process and folder) and verify one dataset; download it if absent."""
     if dataset not in KNOWN_SHA256:
         raise DataError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_SHA256)}")
     folder = Path(directory) if directory else data_dir() / dataset
+    return _load(dataset, str(folder.resolve()))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(dataset: str, folder_name: str) -> Dataset:
+    folder = Path(folder_name)
     if any(not (folder / name).exists() for name in FILES.values()):
         download(dataset, folder)
     arrays = {}
