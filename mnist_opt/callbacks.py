@@ -8,6 +8,8 @@ import mlflow
 import optuna
 from tqdm import tqdm
 
+from mnist_opt import interrupt
+
 LOGGED = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -25,7 +27,14 @@ class TrialCallback(keras.callbacks.Callback):
         self.trial, self.monitor, self.epochs = trial, monitor, epochs
         self.label, self.verbose = label, verbose
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        interrupt.watch(self.model)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        interrupt.watch(None)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        interrupt.check()  # an interrupted epoch is partial: not logged, not reported
         logs = logs or {}
         step = epoch + 1
         metrics = {k: float(logs[k]) for k in LOGGED if k in logs}

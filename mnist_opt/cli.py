@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from mnist_opt import interrupt
 from mnist_opt.config import find_study, known_studies, load_config, studies_dir, with_overrides
 from mnist_opt.errors import MnistOptError, StudyFileError
 
@@ -58,23 +59,37 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """Run (or continue) a study: Optuna search with every trial tracked in MLflow."""
+    """Run (or continue) a study until it has n_trials finished trials, each tracked in MLflow."""
     cfg = _config(args)
     from mnist_opt import runner
+    from mnist_opt.storage import resolve_storage
 
-    storage = runner.resolve_storage(args.storage)
+    storage = resolve_storage(args.storage)
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
-          f"pruner {cfg.search.pruner}, {cfg.search.n_trials} trials × ≤{cfg.training.max_epochs} "
-          f"epochs, storage {storage}", flush=True)
-    study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet)
-    result = runner.summary(study)
-    print(f"\nstudy {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
-          f"{result['fail']} failed trials in storage")
+          f"pruner {cfg.search.pruner}, target {cfg.search.n_trials} trials × "
+          f"≤{cfg.training.max_epochs} epochs, storage {storage}", flush=True)
+    interrupted = False
+    try:
+        study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet)
+    except KeyboardInterrupt:
+        interrupted = True
+        import optuna
+
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
+    _print_summary(cfg, runner.summary(study), interrupted)
+    return 130 if interrupted else 0
+
+
+def _print_summary(cfg, result: dict, interrupted: bool) -> None:
+    head = "interrupted; " if interrupted else ""
+    print(f"\n{head}study {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
+          f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished)")
     if "best_value" in result:
         print(f"best trial {result['best_trial']}: {cfg.search.metric} {result['best_value']:.4f}")
         print(f"best params: {json.dumps(result['best_params'])}")
+    if interrupted:
+        print(f"run the same command again to continue: make study NAME={cfg.name}")
     print(f"next: make retrain NAME={cfg.name}   browse: make dashboard / make mlflow-ui")
-    return 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -112,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupt.install()
     try:
         return COMMANDS[args.command](args)
     except MnistOptError as exc:

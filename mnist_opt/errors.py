@@ -15,3 +15,7 @@ class DataError(MnistOptError):
 
 class RetrainError(MnistOptError):
     """No study, or no completed trial, to retrain."""
+
+
+class StorageError(MnistOptError):
+    """An Optuna storage URL that is malformed or cannot be reached."""

@@ -12,8 +12,8 @@ from mnist_opt.callbacks import TrialCallback
 from mnist_opt.config import StudyConfig
 from mnist_opt.errors import RetrainError
 from mnist_opt.models import build_model
-from mnist_opt.runner import resolve_storage
 from mnist_opt.space import suggest_params
+from mnist_opt.storage import make_storage, resolve_storage
 from mnist_opt.training import evaluate, train
 
 
@@ -30,7 +30,7 @@ class RetrainResult:
 
 def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
     try:
-        study = optuna.load_study(study_name=cfg.name, storage=storage)
+        study = optuna.load_study(study_name=cfg.name, storage=make_storage(storage))
     except KeyError:
         raise RetrainError(f"no study {cfg.name!r} in {storage}; run `mnist-opt study {cfg.name}` "
                            "first") from None

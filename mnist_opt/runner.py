@@ -2,29 +2,21 @@
 from __future__ import annotations
 
 import math
-import os
 import time
+import warnings
 from typing import Any
 
 import keras
 import mlflow
 import optuna
 
-from mnist_opt import data, tracking
+from mnist_opt import data, interrupt, tracking
 from mnist_opt.callbacks import TrialCallback
-from mnist_opt.config import StudyConfig, studies_dir
+from mnist_opt.config import StudyConfig
 from mnist_opt.models import build_model
 from mnist_opt.space import grid_space, suggest_params
+from mnist_opt.storage import make_storage, resolve_storage
 from mnist_opt.training import train
-
-
-def default_storage() -> str:
-    """One SQLite file under ``studies/`` holds every study (git-ignored)."""
-    return f"sqlite:///{studies_dir() / 'optuna.db'}"
-
-
-def resolve_storage(storage: str | None = None) -> str:
-    return storage or os.environ.get("OPTUNA_STORAGE") or default_storage()
 
 
 def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -97,11 +89,17 @@ def make_objective(cfg: StudyConfig, split: data.Split, verbose: bool = True):
     return objective
 
 
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
 def summary(study: optuna.Study) -> dict[str, Any]:
-    states = [t.state.name.lower() for t in study.trials]
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     out: dict[str, Any] = {s: states.count(s) for s in ("complete", "pruned", "fail")}
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if completed:
+    if out["complete"]:
         out.update(best_trial=study.best_trial.number, best_value=study.best_value,
                    best_params=study.best_params)
     return out
@@ -109,25 +107,45 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
               progress: bool = True) -> optuna.Study:
-    """Run ``cfg.search.n_trials`` more trials of the study under one MLflow parent run."""
-    storage = resolve_storage(storage)
+    """Bring the study to ``cfg.search.n_trials`` finished (complete or pruned) trials.
+
+    ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
+    re-run after an interruption does only what is missing, and one that has them does
+    nothing. A trial that raises is recorded as failed and the search goes on.
+    """
+    url = resolve_storage(storage)
+    study = open_study(cfg, make_storage(url))  # a bad storage URL fails before data loads
+    with warnings.catch_warnings():  # experimental since 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    remaining = cfg.search.n_trials - n_finished(study)
+    if remaining <= 0:
+        print(f"study {cfg.name} already has {n_finished(study)} finished trials (target "
+              f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
+        return study
     ds = data.load(cfg.dataset)
     split = data.split(ds, cfg.data.val_fraction, cfg.data.seed, cfg.data.train_subset)
     tracking.configure()
-    study = open_study(cfg, storage)
+    tracking.close_orphans(study, cfg.name)
     extra = {"n_train": len(split.y_train), "n_val": len(split.y_val),
              "sampler_class": type(study.sampler).__name__,
-             "pruner_class": type(study.pruner).__name__}
+             "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials)}
     if cfg.search.pruner == "hyperband":
         extra["hyperband_brackets"] = hyperband_brackets(cfg)
     start = time.monotonic()
-    with tracking.study_run(cfg, storage, extra) as parent:
+    with tracking.study_run(cfg, url, extra) as parent:
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
-        study.optimize(make_objective(cfg, split, verbose), n_trials=cfg.search.n_trials,
-                       timeout=cfg.search.timeout, gc_after_trial=True, show_progress_bar=progress,
-                       callbacks=[tracking.log_best_so_far(parent.info.run_id)])
-        result = summary(study)
-        mlflow.log_metric("wall_s", time.monotonic() - start)
-        for key in ("complete", "pruned", "fail"):
-            mlflow.log_metric(f"n_{key}", result[key])
+        try:
+            study.optimize(
+                make_objective(cfg, split, verbose), n_trials=remaining,
+                timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=True,
+                show_progress_bar=progress,
+                callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
+                           tracking.log_best_so_far(parent.info.run_id),
+                           lambda study, trial: interrupt.check()])
+        finally:
+            result = summary(study)
+            mlflow.log_metric("wall_s", time.monotonic() - start)
+            for key in ("complete", "pruned", "fail"):
+                mlflow.log_metric(f"n_{key}", result[key])
     return study

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -17,13 +18,13 @@ import mlflow
 import numpy as np
 import optuna
 import tensorflow as tf
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 DEFAULT_DIR = Path("mlruns")
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-TRIAL_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
 def configure() -> str:
@@ -63,45 +64,122 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def study_run(cfg, storage: str, extra: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    """The parent run of one ``mnist-opt study`` invocation, holding the study's config."""
+    """The parent run of one ``mnist-opt study`` invocation, holding the study's config.
+
+    Ends FINISHED, KILLED on Ctrl-C / SIGTERM, FAILED on an error; never left RUNNING by a
+    live process (a ``kill -9``ed one is closed by :func:`close_orphans` on the next start).
+    """
     exp = experiment_id(cfg.name)
     conf = cfg.model_dump(mode="json", exclude={"path", "digest", "space", "name", "description"})
     tags = {"mnist_opt.kind": "study", "optuna.study_name": cfg.name, "optuna.storage": storage,
-            "mnist_opt.config_digest": cfg.digest}
-    with mlflow.start_run(experiment_id=exp, run_name=f"study-{time.strftime('%Y%m%d-%H%M%S')}",
-                          tags=tags, description=cfg.description) as run:
+            "mnist_opt.config_digest": cfg.digest, "mnist_opt.host": socket.gethostname(),
+            "mnist_opt.pid": str(os.getpid())}
+    run = mlflow.start_run(experiment_id=exp, run_name=f"study-{time.strftime('%Y%m%d-%H%M%S')}",
+                           tags=tags, description=cfg.description)
+    status = "FAILED"
+    try:
         mlflow.log_params({**_flatten("", conf, {}), **extra})
         if cfg.path:
             mlflow.log_artifact(str(cfg.path))
         yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
 
 
 @contextlib.contextmanager
 def trial_run(trial: optuna.Trial, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    """A nested run for one trial; ends FINISHED, KILLED (pruned) or FAILED with a ``state`` tag."""
+    """A nested run for one trial; ends FINISHED, KILLED (pruned, interrupted) or FAILED.
+
+    The reason a trial did not complete goes to both sides: an MLflow tag and an Optuna
+    user attribute (``prune_reason`` / ``fail_reason``, plus the traceback of an error).
+    """
     parent = mlflow.active_run()
     run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                            experiment_id=parent.info.experiment_id if parent else None,
                            tags={"trial_number": str(trial.number), "state": "running",
                                  "mnist_opt.kind": "trial"})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    mlflow.log_params(params)
-    start, state = time.monotonic(), "failed"
+    start, state, status = time.monotonic(), "failed", "FAILED"
     try:
+        mlflow.log_params(params)
         yield run
-        state = "complete"
+        state, status = "complete", "FINISHED"
     except optuna.TrialPruned as exc:
-        state = "pruned"
+        state, status = "pruned", "KILLED"
         mlflow.set_tag("prune_reason", str(exc) or "pruner")
         raise
-    except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.set_tag("traceback", traceback.format_exc()[-5000:])
+    except KeyboardInterrupt:
+        status = "KILLED"
+        _record_failure(trial, "interrupted (Ctrl-C or SIGTERM)", None)
+        raise
+    except Exception as exc:
+        _record_failure(trial, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         raise
     finally:
         mlflow.log_metric("duration_s", time.monotonic() - start)
         mlflow.set_tag("state", state)
-        mlflow.end_run(TRIAL_STATUS[state])
+        mlflow.end_run(status)
+
+
+def _record_failure(trial: optuna.Trial, reason: str, trace: str | None) -> None:
+    trial.set_user_attr("fail_reason", reason[:2000])
+    mlflow.set_tag("fail_reason", reason[:5000])
+    if trace:
+        trial.set_user_attr("traceback", trace[-4000:])
+        mlflow.set_tag("traceback", trace[-5000:])
+
+
+def close_run(run_id: str | None, status: str, tags: dict[str, str]) -> bool:
+    """End a run left RUNNING (its process died); False if there was nothing to close."""
+    if not run_id:
+        return False
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphans(study: optuna.Study, experiment: str) -> int:
+    """Close runs that a killed process left RUNNING: trials Optuna already finished, and
+    parent runs of dead processes on this host. Returns how many were closed."""
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    closed = 0
+    for run in MlflowClient().search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("mnist_opt.kind") == "trial":
+            state = states.get(int(tags.get("trial_number", -1)))
+            if state is None or not state.is_finished():
+                continue  # still running somewhere, or the heartbeat check will close it
+            status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state.name, "KILLED")
+            closed += close_run(run.info.run_id, status, {"state": state.name.lower()})
+        elif (tags.get("mnist_opt.host") == socket.gethostname()
+              and not _pid_alive(int(tags.get("mnist_opt.pid", "0") or 0))):
+            closed += close_run(run.info.run_id, "KILLED", {"fail_reason": "process killed"})
+    return closed
 
 
 def log_model(model: keras.Model, registered_name: str | None = None):

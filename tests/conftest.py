@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)  # this process's clients too, not only subprocesses
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     monkeypatch.setenv("OPTUNA_STORAGE", storage)
     return {"storage": storage, "tracking": tracking, "dir": str(tmp_path)}

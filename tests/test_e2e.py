@@ -111,10 +111,15 @@ def test_retrain_logs_test_accuracy_and_registers_a_model(finished):
     assert (probs.argmax(axis=1) == ds.y_test[:200]).mean() > 0.5
 
 
-def test_rerun_continues_the_same_study(finished):
+def test_rerun_continues_the_study_to_its_target(finished, capsys):
+    """n_trials is the study's target: the same target does nothing, a higher one adds trials."""
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(finished["tmp"])
-        cfg = with_overrides(finished["cfg"], n_trials=1, max_epochs=1)
+        same = run_study(finished["cfg"], finished["storage"], verbose=False, progress=False)
+        assert len(same.trials) == N_TRIALS
+        assert "nothing to run" in capsys.readouterr().out
+        assert len(_runs(finished["client"], "mlp_tpe", "study")) == 1
+        cfg = with_overrides(finished["cfg"], n_trials=N_TRIALS + 1, max_epochs=1)
         study = run_study(cfg, finished["storage"], verbose=False, progress=False)
     assert len(study.trials) == N_TRIALS + 1
     assert len(_runs(finished["client"], "mlp_tpe", "study")) == 2
