@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NAME ?= mlp_tpe
 ARGS ?=
+WORKERS ?= 1
 PYTEST_ARGS ?=
+WORKERS ?= 1
 HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8080
 MLFLOW_PORT ?= 5000
@@ -19,7 +21,9 @@ endif
 STORAGE := $(or $(OPTUNA_STORAGE),sqlite:///studies/optuna.db)
 TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
-.PHONY: help install study retrain list test dashboard mlflow-ui clean
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: help install pg study retrain list test dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -32,8 +36,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install mnist_opt with its pinned dependencies
 
-study: install  ## run or continue a study: make study NAME=mlp_tpe [ARGS="--n-trials 5"]
-	$(BIN)/mnist-opt study $(NAME) $(ARGS)
+pg:  ## install Debian's PostgreSQL server (the tests start a throw-away one on 127.0.0.1)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql >/dev/null; }
+
+study: install  ## run or continue a study: make study NAME=mlp_tpe [WORKERS=2] [ARGS="--n-trials 5"]
+	$(BIN)/mnist-opt study $(NAME) --workers $(WORKERS) $(ARGS)
 
 retrain: install  ## retrain the best trial, test it, register it: make retrain NAME=mlp_tpe
 	$(BIN)/mnist-opt retrain $(NAME) $(ARGS)
@@ -41,7 +49,7 @@ retrain: install  ## retrain the best trial, test it, register it: make retrain 
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list
 
-test: install  ## run the test suite (real training on small subsets)
+test: install pg  ## run the test suite (real training on small subsets, real PostgreSQL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 dashboard: install  ## optuna-dashboard on the study storage, http://127.0.0.1:8080

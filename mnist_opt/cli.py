@@ -27,8 +27,8 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    for flag in ("n_trials", "timeout", "max_epochs", "train_subset"):
-        value = getattr(args, flag)
+    for flag in ("n_trials", "timeout", "max_epochs", "train_subset", "workers"):
+        value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise StudyFileError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     return with_overrides(find_study(args.name), args.n_trials, args.timeout, args.max_epochs,
@@ -70,7 +70,8 @@ def cmd_study(args: argparse.Namespace) -> int:
           f"≤{cfg.training.max_epochs} epochs, storage {storage}", flush=True)
     interrupted = False
     try:
-        study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet)
+        study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet,
+                                 workers=args.workers)
     except KeyboardInterrupt:
         interrupted = True
         import optuna
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("name", help="study name (a file studies/NAME.yaml) or a path to one")
             _overrides(p)
+        if name == "study":
+            p.add_argument("-w", "--workers", type=int, default=1,
+                           help="parallel worker processes sharing the study (default 1)")
     return parser
 
 

@@ -128,7 +128,8 @@ def download(dataset: str, directory: Path, mirrors: list[str] | None = None, ti
         if target.exists():
             continue
         errors = []
-        for base in mirrors or MIRRORS[dataset]:
+        env = os.environ.get("MNIST_OPT_MIRRORS")
+        for base in mirrors or (env.split(",") if env else MIRRORS[dataset]):
             try:
                 with urllib.request.urlopen(base + name, timeout=timeout) as resp:
                     payload = resp.read()

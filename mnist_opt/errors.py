@@ -19,3 +19,7 @@ class RetrainError(MnistOptError):
 
 class StorageError(MnistOptError):
     """An Optuna storage URL that is malformed or cannot be reached."""
+
+
+class TrackingError(MnistOptError):
+    """The MLflow tracking store cannot be opened or written."""

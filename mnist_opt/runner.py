@@ -19,17 +19,18 @@ from mnist_opt.storage import make_storage, resolve_storage
 from mnist_opt.training import train
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    s = cfg.search
+def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The study file's sampler; parallel workers get distinct seeds (else identical picks)."""
+    s, seed = cfg.search, cfg.search.seed + 1000 * seed_offset
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=s.seed, scramble=True)
-    return optuna.samplers.GridSampler(grid_space(cfg), seed=s.seed)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
@@ -66,12 +67,13 @@ def open_study(cfg: StudyConfig, storage: str) -> optuna.Study:
     return study
 
 
-def make_objective(cfg: StudyConfig, split: data.Split, verbose: bool = True):
+def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.Run,
+                   verbose: bool = True):
     """``objective(trial)``: suggest, build, train with the reporting callback, log the model."""
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_params(trial, cfg)
-        with tracking.trial_run(trial, params):
+        with tracking.trial_run(trial, params, parent):
             keras.backend.clear_session()  # fresh graph and names: memory stays flat across trials
             keras.utils.set_random_seed(cfg.search.seed + trial.number)
             model = build_model(params)
@@ -105,16 +107,34 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     return out
 
 
+def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
+             n_trials: int, verbose: bool, progress: bool) -> None:
+    """One worker's share: up to ``n_trials`` trials, stopping early once the study has its target."""
+    study.optimize(
+        make_objective(cfg, split, parent, verbose), n_trials=n_trials,
+        timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=True,
+        show_progress_bar=progress,
+        callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
+                   tracking.log_best_so_far(parent.info.run_id),
+                   lambda study, trial: interrupt.check()])
+
+
 def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
-              progress: bool = True) -> optuna.Study:
+              progress: bool = True, workers: int = 1) -> optuna.Study:
     """Bring the study to ``cfg.search.n_trials`` finished (complete or pruned) trials.
 
     ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
     re-run after an interruption does only what is missing, and one that has them does
-    nothing. A trial that raises is recorded as failed and the search goes on.
+    nothing. A trial that raises is recorded as failed and the search goes on. With
+    ``workers > 1`` the storage, study, MLflow experiment and parent run are created here
+    first (fresh SQLite files race on table creation), then worker processes share them.
     """
     url = resolve_storage(storage)
-    study = open_study(cfg, make_storage(url))  # a bad storage URL fails before data loads
+    # Everything that can be wrong with the input is found before anything is written.
+    split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
+                       cfg.data.train_subset)
+    tracking.open_experiment(cfg.name)
+    study = open_study(cfg, make_storage(url))
     with warnings.catch_warnings():  # experimental since 2.9, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -123,26 +143,23 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
         print(f"study {cfg.name} already has {n_finished(study)} finished trials (target "
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
         return study
-    ds = data.load(cfg.dataset)
-    split = data.split(ds, cfg.data.val_fraction, cfg.data.seed, cfg.data.train_subset)
-    tracking.configure()
     tracking.close_orphans(study, cfg.name)
-    extra = {"n_train": len(split.y_train), "n_val": len(split.y_val),
+    extra = {"n_train": len(split.y_train), "n_val": len(split.y_val), "workers": workers,
              "sampler_class": type(study.sampler).__name__,
              "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials)}
     if cfg.search.pruner == "hyperband":
         extra["hyperband_brackets"] = hyperband_brackets(cfg)
     start = time.monotonic()
-    with tracking.study_run(cfg, url, extra) as parent:
+    with tracking.study_run(cfg, url, extra) as active:
+        parent = mlflow.get_run(active.info.run_id)
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
         try:
-            study.optimize(
-                make_objective(cfg, split, verbose), n_trials=remaining,
-                timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=True,
-                show_progress_bar=progress,
-                callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
-                           tracking.log_best_so_far(parent.info.run_id),
-                           lambda study, trial: interrupt.check()])
+            if workers == 1:
+                optimize(cfg, study, split, parent, remaining, verbose, progress)
+            else:
+                from mnist_opt.workers import run_workers
+
+                run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose)
         finally:
             result = summary(study)
             mlflow.log_metric("wall_s", time.monotonic() - start)

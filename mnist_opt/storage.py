@@ -6,8 +6,12 @@ trial any worker starts marks it FAIL, closes its MLflow run and re-queues its p
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import warnings
+from pathlib import Path
+from typing import Iterator
 
 import optuna
 
@@ -40,6 +44,31 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
+@contextlib.contextmanager
+def sqlite_init_lock(url: str) -> Iterator[None]:
+    """Serialize opening a SQLite database across processes on this machine.
+
+    Two processes that open a *fresh* file at once race on creating its tables or running
+    its migrations (Optuna: "table already exists"; MLflow: "duplicate column", mlflow
+    #4123) and one dies. An advisory lock on ``<file>.lock`` makes the second one wait.
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(url[len("sqlite:///"):] + ".lock")
+    try:
+        handle = open(lock, "a")
+    except OSError:  # an unwritable place: opening the database will say so clearly
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An ``RDBStorage`` with heartbeats for database URLs; other URLs as Optuna takes them."""
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
@@ -49,11 +78,11 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     # SQLite: wait for a lock instead of failing at once when several workers write.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with sqlite_init_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
                 heartbeat_stale_trial_callback=_on_stale_trial)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean the same here
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
         raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0]}") from exc

@@ -22,6 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from mnist_opt.errors import TrackingError
+from mnist_opt.storage import sqlite_init_lock
+
 DEFAULT_DIR = Path("mlruns")
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
@@ -31,10 +34,26 @@ def configure() -> str:
     """Honour ``MLFLOW_TRACKING_URI``; else a SQLite store in ``./mlruns`` (the registry needs a DB)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        DEFAULT_DIR.mkdir(exist_ok=True)
+        try:
+            DEFAULT_DIR.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the MLflow store directory {DEFAULT_DIR.resolve()}: "
+                                f"{exc.strerror}; fix it or set MLFLOW_TRACKING_URI") from exc
         uri = f"sqlite:///{DEFAULT_DIR.resolve() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def open_experiment(name: str) -> str:
+    """Configure MLflow and open the study's experiment, before anything else is written."""
+    uri = configure()
+    try:
+        with sqlite_init_lock(uri):  # the first process creates the tables, the others wait
+            return experiment_id(name)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and MLflow raise many kinds
+        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''} — check the path and "
+                            "its permissions, or set MLFLOW_TRACKING_URI") from exc
 
 
 def _artifact_location(uri: str, name: str) -> str | None:
@@ -45,12 +64,29 @@ def _artifact_location(uri: str, name: str) -> str | None:
 
 
 def experiment_id(name: str) -> str:
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(
-        name, artifact_location=_artifact_location(mlflow.get_tracking_uri(), name))
+    """The study's experiment, created on first use; a concurrent creator wins (mlflow #4123)."""
+    for attempt in range(3):
+        try:
+            client = MlflowClient()
+            exp = client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            return client.create_experiment(
+                name, artifact_location=_artifact_location(mlflow.get_tracking_uri(), name))
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _versions() -> dict[str, str]:
+    """What produced a result: logged with every study run, for reproducibility."""
+    import platform
+    from importlib.metadata import version
+
+    pkgs = ("mnist-opt", "tensorflow", "keras", "optuna", "mlflow", "numpy", "scikit-learn")
+    return {"python": platform.python_version(), **{p: version(p) for p in pkgs}}
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +106,7 @@ def study_run(cfg, storage: str, extra: dict[str, Any]) -> Iterator[mlflow.Activ
     live process (a ``kill -9``ed one is closed by :func:`close_orphans` on the next start).
     """
     exp = experiment_id(cfg.name)
+    extra = {**extra, **{f"version.{pkg}": version for pkg, version in _versions().items()}}
     conf = cfg.model_dump(mode="json", exclude={"path", "digest", "space", "name", "description"})
     tags = {"mnist_opt.kind": "study", "optuna.study_name": cfg.name, "optuna.storage": storage,
             "mnist_opt.config_digest": cfg.digest, "mnist_opt.host": socket.gethostname(),
@@ -91,15 +128,17 @@ def study_run(cfg, storage: str, extra: dict[str, Any]) -> Iterator[mlflow.Activ
 
 
 @contextlib.contextmanager
-def trial_run(trial: optuna.Trial, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+def trial_run(trial: optuna.Trial, params: dict[str, Any],
+              parent: mlflow.entities.Run) -> Iterator[mlflow.ActiveRun]:
     """A nested run for one trial; ends FINISHED, KILLED (pruned, interrupted) or FAILED.
 
+    The parent is named explicitly, so worker processes nest under the invocation's run.
     The reason a trial did not complete goes to both sides: an MLflow tag and an Optuna
     user attribute (``prune_reason`` / ``fail_reason``, plus the traceback of an error).
     """
-    parent = mlflow.active_run()
     run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
-                           experiment_id=parent.info.experiment_id if parent else None,
+                           parent_run_id=parent.info.run_id,
+                           experiment_id=parent.info.experiment_id,
                            tags={"trial_number": str(trial.number), "state": "running",
                                  "mnist_opt.kind": "trial"})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)

@@ -33,3 +33,46 @@ def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     monkeypatch.setenv("OPTUNA_STORAGE", storage)
     return {"storage": storage, "tracking": tracking, "dir": str(tmp_path)}
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise pytest.UsageError("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin): "
+                                "run `make pg` (Debian's postgresql package) first")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> dict[str, str]:
+    """A throw-away PostgreSQL server on 127.0.0.1 with databases `optuna` and `mlflow`."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _pg_bin()
+    root = Path(tempfile.mkdtemp(prefix="mnist_opt_pg_"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_pg, str(bindir / tool), *args], check=True, capture_output=True)
+
+    data = root / "data"
+    pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+    pg("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-w", "start",
+       "-o", f"-h 127.0.0.1 -p {port} -k {root} -F")
+    try:
+        for db in ("optuna", "mlflow"):
+            pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db)
+        base = f"postgresql://postgres@127.0.0.1:{port}"
+        yield {"optuna": f"{base}/optuna", "mlflow": f"{base}/mlflow"}
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)

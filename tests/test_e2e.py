@@ -178,3 +178,22 @@ def test_cli_list_shows_every_shipped_study(stores, tmp_path):
     for name in ("mlp_tpe", "mlp_hyperband", "mlp_random", "cnn_gp", "fashion_mlp_tpe",
                  "fashion_cnn_tpe"):
         assert name in proc.stdout
+
+
+def test_same_study_file_and_seed_give_the_same_split_and_params(tmp_path, monkeypatch):
+    """Sequential runs with one seed: identical sampled params; seed and versions logged."""
+    cfg = with_overrides(find_study("mlp_tpe", ROOT / "studies"), n_trials=3, max_epochs=1,
+                         train_subset=1000)
+    sequences = []
+    for i in range(2):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / f'mlflow{i}.db'}")
+        study = run_study(cfg, f"sqlite:///{tmp_path / f'optuna{i}.db'}", verbose=False,
+                          progress=False)
+        sequences.append([t.params for t in study.trials])
+        parent = MlflowClient().get_run(study.user_attrs["last_mlflow_parent_run_id"])
+        assert parent.data.params["search.seed"] == "48"
+        assert parent.data.params["data.seed"] == "48"
+        for pkg in ("tensorflow", "keras", "optuna", "mlflow", "numpy", "python"):
+            assert parent.data.params[f"version.{pkg}"]
+    assert sequences[0] == sequences[1] and len(sequences[0]) == 3

@@ -1,0 +1,126 @@
+"""Bad input: one clear error, exit status 2, and nothing already stored changes."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mnist_opt.config import StudyConfig, load_config
+from mnist_opt.errors import StudyFileError
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = yaml.safe_load((ROOT / "studies" / "mlp_tpe.yaml").read_text())
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=12)
+KEYS = ["dataset", "model", "data", "search", "training", "space", "description",
+        "data.val_fraction", "data.seed", "data.train_subset", "search.sampler", "search.pruner",
+        "search.n_trials", "search.timeout", "search.metric", "training.max_epochs",
+        "space.n_layers", "space.units", "space.dropout", "space.learning_rate",
+        "space.optimizer", "space.bogus", "space.units.low", "space.units.log"]
+
+
+def _mutate(doc: dict, key: str, value) -> dict:
+    doc = yaml.safe_load(yaml.safe_dump(doc))  # deep copy
+    *parents, last = key.split(".")
+    node = doc
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+    return doc
+
+
+def _load(tmp: Path, text: str):
+    path = tmp / "prop.yaml"
+    path.write_text(text)
+    try:
+        return load_config(path)
+    except StudyFileError as exc:
+        assert str(path) in str(exc)  # the one error always names the file
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(KEYS), value=values)
+def test_any_mutated_study_file_loads_or_gives_the_one_error(tmp_path, key, value):
+    text = yaml.safe_dump(_mutate(BASE, key, value), allow_unicode=True)
+    cfg = _load(tmp_path, text)
+    assert cfg is None or isinstance(cfg, StudyConfig)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_any_text_loads_or_gives_the_one_error(tmp_path, text):
+    _load(tmp_path, text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=values)
+def test_any_yaml_document_loads_or_gives_the_one_error(tmp_path, doc):
+    _load(tmp_path, yaml.safe_dump(doc, allow_unicode=True))
+
+
+def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "mnist_opt", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=300, env={**os.environ, **env})
+
+
+def _existing_study(storage: str) -> list:
+    """A study with one recorded trial, to check that a failing command leaves it untouched."""
+    study = optuna.create_study(study_name="mlp_tpe", storage=storage, direction="maximize")
+    study.add_trial(optuna.create_trial(params={}, distributions={}, value=0.5))
+    return [(t.number, t.state, t.value) for t in study.trials]
+
+
+@pytest.mark.parametrize("case", ["corrupt_data", "missing_data", "bad_storage_url",
+                                  "unreachable_storage", "unwritable_mlruns"])
+def test_bad_input_exits_2_with_one_error_and_changes_nothing(stores, tmp_path, case):
+    before = _existing_study(stores["storage"])
+    env, args = {}, ["study", "mlp_tpe", "--n-trials", "2", "--max-epochs", "1",
+                     "--train-subset", "1000"]
+    expect = ""
+    if case in ("corrupt_data", "missing_data"):
+        import os
+
+        data = tmp_path / "data" / "mnist"
+        shutil.copytree(Path(os.environ["MNIST_OPT_DATA"]) / "mnist", data)
+        target = data / "train-labels-idx1-ubyte.gz"
+        if case == "corrupt_data":
+            target.write_bytes(target.read_bytes()[:1000])  # truncated
+            expect = "checksum mismatch"
+        else:
+            target.unlink()
+            expect = "train-labels-idx1-ubyte.gz is missing"
+        env = {"MNIST_OPT_DATA": str(tmp_path / "data")}
+        # no network in tests: the download must fail fast and name the file
+        env["MNIST_OPT_MIRRORS"] = "http://127.0.0.1:9/"
+    elif case == "bad_storage_url":
+        args += ["--storage", "postgres:/nonsense"]
+        expect = "unsupported storage URL"
+    elif case == "unreachable_storage":
+        args += ["--storage", "postgresql://nobody@127.0.0.1:9/none"]
+        expect = "cannot open Optuna storage"
+    else:
+        (tmp_path / "blocker").write_text("a file where a directory should be")
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'blocker' / 'mlflow.db'}"}
+        expect = "cannot open the MLflow tracking store"
+    proc = _cli(tmp_path, *args, **env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+    assert sum("mnist-opt: error:" in line for line in proc.stderr.splitlines()) == 1
+    study = optuna.load_study(study_name="mlp_tpe", storage=stores["storage"])
+    assert [(t.number, t.state, t.value) for t in study.trials] == before

@@ -1,0 +1,83 @@
+"""Parallel workers share one study: on PostgreSQL (two workers) and on the default SQLite file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.e2e
+TS = optuna.trial.TrialState
+
+
+def _study_file(tmp_path: Path, name: str, n_trials: int) -> Path:
+    doc = {"dataset": "mnist", "model": "mlp",
+           "data": {"val_fraction": 0.2, "seed": 1, "train_subset": 1000},
+           "search": {"sampler": "tpe", "n_startup_trials": 2, "pruner": "hyperband",
+                      "n_trials": n_trials, "seed": 5},
+           "training": {"max_epochs": 3},
+           "space": {"n_layers": {"low": 1, "high": 2}, "units": {"low": 16, "high": 64},
+                     "learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _study(path: Path, cwd: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", *extra],
+                            cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _check_consistent(storage: str, name: str, tracking: str) -> list[optuna.trial.FrozenTrial]:
+    """Unique trial numbers, and exactly one MLflow trial run per Optuna trial, none RUNNING."""
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'trial'")
+    assert sorted(int(r.data.tags["trial_number"]) for r in runs) == numbers
+    assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert all(r.info.status != "RUNNING" for r in runs)
+    return trials
+
+
+def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
+    path = _study_file(tmp_path, "pg_parallel", n_trials=8)
+    env = {"OPTUNA_STORAGE": postgres["optuna"], "MLFLOW_TRACKING_URI": postgres["mlflow"]}
+    proc = _study(path, tmp_path, env, "--workers", "2")
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "2 workers started" in out
+    trials = _check_consistent(postgres["optuna"], "pg_parallel", postgres["mlflow"])
+    assert len(trials) == 8
+    assert all(t.state in (TS.COMPLETE, TS.PRUNED) for t in trials)
+    client = MlflowClient(postgres["mlflow"])
+    exp = client.get_experiment_by_name("pg_parallel")
+    parents = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial_runs = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'trial'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parents[0].info.run_id}
+
+
+def test_two_shells_on_a_fresh_sqlite_file(tmp_path):
+    """Two independent commands start at once on a storage that does not exist yet."""
+    path = _study_file(tmp_path, "two_shells", n_trials=6)
+    env = {"OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    procs = [_study(path, tmp_path, env) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-4000:]
+        assert "database is locked" not in out
+    trials = _check_consistent(env["OPTUNA_STORAGE"], "two_shells", env["MLFLOW_TRACKING_URI"])
+    finished = [t for t in trials if t.state in (TS.COMPLETE, TS.PRUNED)]
+    # Each shell stops once the study has 6 finished trials; both may be mid-trial then.
+    assert 6 <= len(finished) <= 7
