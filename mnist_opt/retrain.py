@@ -52,8 +52,7 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True) 
     params = suggest_params(optuna.trial.FixedTrial(best.params), cfg)
     ds = data.load(cfg.dataset)
     x, y = data.stratified_subset(ds.x_train, ds.y_train, cfg.data.train_subset, cfg.data.seed)
-    tracking.configure()
-    exp = tracking.experiment_id(cfg.name)
+    exp = tracking.open_experiment(cfg.name)
     tags = {"mnist_opt.kind": "retrain", "source_trial": str(best.number),
             "source_run_id": best.user_attrs.get("mlflow_run_id", ""),
             "optuna.study_name": cfg.name, "optuna.storage": storage}
