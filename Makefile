@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg study retrain list test dashboard mlflow-ui clean
+.PHONY: help install pg study retrain list test bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -51,6 +51,16 @@ list: install  ## list the studies in studies/
 
 test: install pg  ## run the test suite (real training on small subsets, real PostgreSQL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, same space and budget (full data; long)
+	$(BIN)/python bench/bench.py $(ARGS)
+
+bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials): < 10 min
+	$(BIN)/python bench/bench.py --quick $(ARGS)
 
 dashboard: install  ## optuna-dashboard on the study storage, http://127.0.0.1:8080
 	$(BIN)/optuna-dashboard --host $(HOST) --port $(DASHBOARD_PORT) $(STORAGE)

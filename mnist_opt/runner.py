@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import mlflow
@@ -108,7 +108,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 
 def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
-             n_trials: int, verbose: bool, progress: bool) -> None:
+             n_trials: int, verbose: bool, progress: bool, callbacks: Sequence = ()) -> None:
     """One worker's share: up to ``n_trials`` trials, stopping early once the study has its target."""
     study.optimize(
         make_objective(cfg, split, parent, verbose), n_trials=n_trials,
@@ -116,11 +116,11 @@ def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: m
         show_progress_bar=progress,
         callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
                    tracking.log_best_so_far(parent.info.run_id),
-                   lambda study, trial: interrupt.check()])
+                   lambda study, trial: interrupt.check(), *callbacks])
 
 
 def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
-              progress: bool = True, workers: int = 1) -> optuna.Study:
+              progress: bool = True, workers: int = 1, callbacks: Sequence = ()) -> optuna.Study:
     """Bring the study to ``cfg.search.n_trials`` finished (complete or pruned) trials.
 
     ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
@@ -128,6 +128,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     nothing. A trial that raises is recorded as failed and the search goes on. With
     ``workers > 1`` the storage, study, MLflow experiment and parent run are created here
     first (fresh SQLite files race on table creation), then worker processes share them.
+    ``callbacks`` are extra Optuna callbacks (in-process runs only; the benchmark uses one).
     """
     url = resolve_storage(storage)
     # Everything that can be wrong with the input is found before anything is written.
@@ -155,7 +156,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
         try:
             if workers == 1:
-                optimize(cfg, study, split, parent, remaining, verbose, progress)
+                optimize(cfg, study, split, parent, remaining, verbose, progress, callbacks)
             else:
                 from mnist_opt.workers import run_workers
 

@@ -228,7 +228,8 @@ def log_model(model: keras.Model, registered_name: str | None = None):
     and ``mlflow.pyfunc`` users see what the model takes.
     """
     example = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    # A direct call, not predict(): predict traces a new tf.function for every model.
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
     return mlflow.keras.log_model(model, name="model", pip_requirements=PIP_REQUIREMENTS,
                                   signature=signature, registered_model_name=registered_name)
 
