@@ -1,7 +1,7 @@
 """``mnist-opt``: list studies, run a study, retrain its best trial.
 
 Exit status: 0 done, 2 bad input (unknown study, invalid study file, missing or corrupt
-data, nothing to retrain), 1 anything unexpected. Heavy imports (TensorFlow, MLflow) are
+data, bad storage or tracking store, nothing to retrain), 130 interrupted, 1 anything else. Heavy imports (TensorFlow, MLflow) are
 deferred so that ``list`` and argument errors answer at once.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mnist_opt.errors import MnistOptError, StudyFileError
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quick-run overrides (study file values otherwise)")
-    group.add_argument("--n-trials", type=int, help="trials to run in this invocation (study only)")
+    group.add_argument("--n-trials", type=int, help="the study's target of finished trials (study only)")
     group.add_argument("--timeout", type=int, help="seconds before no new trial starts (study only)")
     group.add_argument("--max-epochs", type=int, help="epochs per trial / for the retrain")
     group.add_argument("--train-subset", type=int, help="stratified subset of the training images")
@@ -98,7 +98,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from mnist_opt.retrain import retrain
 
-    res = retrain(cfg, args.storage, verbose=not args.quiet)  # few epochs: always shown
+    res = retrain(cfg, args.storage, verbose=not args.quiet)  # epoch lines unless -q
     print(f"\n{cfg.name}: best trial {res.trial_number} retrained for {cfg.retrain_epochs} epochs")
     print(f"test accuracy {res.test_accuracy:.4f}   (best validation accuracy "
           f"{res.val_accuracy:.4f})   test loss {res.test_loss:.4f}")

@@ -39,6 +39,12 @@ def _spec(cfg: StudyConfig, key: str, group: str) -> ParamSpec | list[ParamSpec]
     return cfg.space.get(key, DEFAULTS[group][key])
 
 
+def _layer_spec(cfg: StudyConfig, key: str, i: int) -> ParamSpec:
+    """Layer ``i``'s spec of a per-layer parameter: one for all, or a list (last one repeats)."""
+    spec = _spec(cfg, key, cfg.model)
+    return spec[min(i, len(spec) - 1)] if isinstance(spec, list) else spec
+
+
 def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
     """Sample one configuration; returns the full params dict that ``build_model`` takes."""
     params: dict[str, Any] = {}
@@ -46,10 +52,8 @@ def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
     params[depth_key] = int(_suggest(trial, depth_key, _spec(cfg, depth_key, cfg.model)))
     for i in range(params[depth_key]):
         for key in per_layer:
-            spec = _spec(cfg, key, cfg.model)
-            if isinstance(spec, list):
-                spec = spec[min(i, len(spec) - 1)]
-            params[f"{key}_{suffix}{i}"] = _suggest(trial, f"{key}_{suffix}{i}", spec)
+            params[f"{key}_{suffix}{i}"] = _suggest(trial, f"{key}_{suffix}{i}",
+                                                    _layer_spec(cfg, key, i))
     for key in DEFAULTS[cfg.model]:
         if key != depth_key and key not in per_layer:
             params[key] = _suggest(trial, key, _spec(cfg, key, cfg.model))
@@ -81,8 +85,7 @@ def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
     max_depth = max(grid.get(depth_key, [depth_spec]))
     for i in range(int(max_depth)):
         for key in per_layer:
-            spec = _spec(cfg, key, cfg.model)
-            add(f"{key}_{suffix}{i}", spec[min(i, len(spec) - 1)] if isinstance(spec, list) else spec)
+            add(f"{key}_{suffix}{i}", _layer_spec(cfg, key, i))
     for group in (cfg.model, "training"):
         for key in DEFAULTS[group]:
             if key != depth_key and key not in per_layer:
