@@ -179,10 +179,11 @@ def _format_errors(path: Path | str, err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown field; allowed: {', '.join(_allowed_keys(loc))}"
-        got = e.get("input")
-        if isinstance(got, dict):
-            got = {k: v for k, v in got.items() if k != "is_int"}  # our inferred field, not the user's
-        lines.append(f"{path}: {shown or '(top level)'}: {msg} (got {got!r})")
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        if isinstance(e.get("input"), dict):  # show the user's keys, not the ones we add
+            ours = {"is_int", "name", "path", "digest"}
+            got = f" (got {({k: v for k, v in e['input'].items() if k not in ours})!r})"
+        lines.append(f"{path}: {shown or '(top level)'}: {msg}{got}")
     return "\n".join(dict.fromkeys(lines))
 
 
@@ -202,8 +203,9 @@ def load_config(path: Path | str) -> StudyConfig:
     if "name" in doc or "path" in doc or "digest" in doc:
         raise StudyFileError(f"{path}: 'name', 'path' and 'digest' are set from the file; remove them")
     try:
-        return StudyConfig(**doc, name=path.stem, path=path.resolve(),
-                           digest=hashlib.sha256(text.encode()).hexdigest()[:16])
+        # model_validate, not StudyConfig(**doc): YAML keys need not be strings ("?" is {None: None})
+        return StudyConfig.model_validate({**doc, "name": path.stem, "path": path.resolve(),
+                                           "digest": hashlib.sha256(text.encode()).hexdigest()[:16]})
     except ValidationError as err:
         raise StudyFileError(_format_errors(path, err)) from None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mnist_opt.config import StudyConfig, load_config
@@ -62,6 +62,8 @@ def test_any_mutated_study_file_loads_or_gives_the_one_error(tmp_path, key, valu
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200))
+@example(text="?")  # a mapping with a None key: once a TypeError
+@example(text="1: 2\n")
 def test_any_text_loads_or_gives_the_one_error(tmp_path, text):
     _load(tmp_path, text)
 
