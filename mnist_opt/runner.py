@@ -134,25 +134,25 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     # Everything that can be wrong with the input is found before anything is written.
     split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
                        cfg.data.train_subset)
-    tracking.open_experiment(cfg.name)
+    experiment = tracking.open_experiment(cfg.name)
     study = open_study(cfg, make_storage(url))
     with warnings.catch_warnings():  # experimental since 2.9, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    remaining = cfg.search.n_trials - n_finished(study)
+    done = n_finished(study)
+    remaining = cfg.search.n_trials - done
     if remaining <= 0:
-        print(f"study {cfg.name} already has {n_finished(study)} finished trials (target "
+        print(f"study {cfg.name} already has {done} finished trials (target "
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
         return study
-    tracking.close_orphans(study, cfg.name)
+    tracking.close_orphans(study, experiment)
     extra = {"n_train": len(split.y_train), "n_val": len(split.y_val), "workers": workers,
              "sampler_class": type(study.sampler).__name__,
              "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials)}
     if cfg.search.pruner == "hyperband":
         extra["hyperband_brackets"] = hyperband_brackets(cfg)
     start = time.monotonic()
-    with tracking.study_run(cfg, url, extra) as active:
-        parent = mlflow.get_run(active.info.run_id)
+    with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
         try:
             if workers == 1:

@@ -199,15 +199,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def close_orphans(study: optuna.Study, experiment: str) -> int:
+def close_orphans(study: optuna.Study, experiment_id: str) -> int:
     """Close runs that a killed process left RUNNING: trials Optuna already finished, and
     parent runs of dead processes on this host. Returns how many were closed."""
-    exp = MlflowClient().get_experiment_by_name(experiment)
-    if exp is None:
-        return 0
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = 0
-    for run in MlflowClient().search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
+    for run in MlflowClient().search_runs([experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
         if tags.get("mnist_opt.kind") == "trial":
             state = states.get(int(tags.get("trial_number", -1)))
