@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 NAME ?= mlp_tpe
 ARGS ?=
 WORKERS ?= 1
+SEEDS ?= 1
 PYTEST_ARGS ?=
-WORKERS ?= 1
 HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8080
 MLFLOW_PORT ?= 5000
@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg study retrain list test bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg study retrain report results list test bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -43,8 +43,14 @@ pg:  ## install Debian's PostgreSQL server (the tests start a throw-away one on 
 study: install  ## run or continue a study: make study NAME=mlp_tpe [WORKERS=2] [ARGS="--n-trials 5"]
 	$(BIN)/mnist-opt study $(NAME) --workers $(WORKERS) $(ARGS)
 
-retrain: install  ## retrain the best trial, test it, register it: make retrain NAME=mlp_tpe
-	$(BIN)/mnist-opt retrain $(NAME) $(ARGS)
+retrain: install  ## retrain the best trial, test it, register it: make retrain NAME=mlp_tpe SEEDS=3
+	$(BIN)/mnist-opt retrain $(NAME) --seeds $(SEEDS) $(ARGS)
+
+report: install  ## top trials + Optuna plots (HTML, PNG) in reports/NAME/: make report NAME=mlp_tpe
+	$(BIN)/mnist-opt report $(NAME) $(ARGS)
+
+results: install  ## write the README results table from the MLflow runs of study + retrain
+	$(BIN)/mnist-opt results --update README.md
 
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list
@@ -57,7 +63,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	touch $@
 
 bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, same space and budget (full data; long)
-	$(BIN)/python bench/bench.py $(ARGS)
+	$(BIN)/python bench/bench.py --save bench/results/latest.md $(ARGS)
 
 bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials): < 10 min
 	$(BIN)/python bench/bench.py --quick $(ARGS)

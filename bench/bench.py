@@ -10,13 +10,16 @@ Workloads:
   fashion  the Fashion-MNIST MLP space of the keras-tuner tutorial; keras-tuner
            BayesianOptimization vs our TPE and GP, same trials and epochs per trial.
 Also: our per-epoch overhead against a bare ``model.fit`` of one fixed configuration, and
-RSS after each of 30+ trials. Prints a table, then one JSON line (the last line).
+RSS after each of 30+ trials (in one process, and with our recycled
+workers). Prints a table, then one JSON line (the last line).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import statistics
 import sys
@@ -65,13 +68,6 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.times.append(time.perf_counter())
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def retrain_test(params: dict, split: data.Split, ds: data.Dataset, epochs: int) -> float:
@@ -159,22 +155,45 @@ def overhead(cfg: StudyConfig, fixed: dict, split: data.Split, workdir: Path, ep
     return {"bare_epoch_s": bare, "ours_epoch_s": ours, "overhead_ratio": ours / bare}
 
 
-def memory(cfg: StudyConfig, workdir: Path, n_trials: int) -> dict:
-    """RSS after each trial of an in-process study (data loaded once, session cleared)."""
-    samples: list[float] = []
+def memory(cfg: StudyConfig, workdir: Path, n_trials: int, workers: int) -> dict:
+    """RSS after each trial, as each trial records it: in one process, and with our workers.
+
+    In one process TensorFlow's per-model leak shows (tf-keras#286); worker processes are
+    replaced every ``trials_per_worker`` trials, which bounds it. Data is loaded once per
+    process and the Keras session cleared before every trial in both cases.
+    """
     mem_cfg = with_overrides(cfg.model_copy(update={"name": "memory"}), n_trials=n_trials,
                              max_epochs=1)
-    run_ours(mem_cfg, workdir / "memory", workers=1,
-             callbacks=[lambda study, trial: samples.append(rss_mb())])
-    return {"rss_start_mb": samples[0], "rss_end_mb": samples[-1], "rss_max_mb": max(samples),
-            "rss_growth_mb": samples[-1] - samples[0], "rss_trials": len(samples)}
+    out = {}
+    for key, n in (("in_process", 1), ("workers", workers)):
+        study = run_ours(mem_cfg.model_copy(update={"name": f"memory_{key}"}),
+                         workdir / f"memory_{key}", workers=n)["study"]
+        trials = sorted((t for t in study.trials if "rss_mb" in t.user_attrs),
+                        key=lambda t: t.datetime_complete)
+        by_pid: dict[int, list[float]] = {}
+        for t in trials:
+            by_pid.setdefault(t.user_attrs["pid"], []).append(t.user_attrs["rss_mb"])
+        rss = [t.user_attrs["rss_mb"] for t in trials]
+        out[key] = {"trials": len(rss), "processes": len(by_pid), "start_mb": rss[0],
+                    "end_mb": rss[-1], "max_mb": max(rss),
+                    # the most any one process grew after its first trial
+                    "growth_mb": max(max(v) - v[0] for v in by_pid.values())}
+    return {"memory": out, "rss_start_mb": out["workers"]["start_mb"],
+            "rss_end_mb": out["workers"]["end_mb"], "rss_max_mb": out["workers"]["max_mb"],
+            "rss_growth_mb": out["workers"]["growth_mb"], "rss_trials": out["workers"]["trials"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="subset and fewer trials (< 10 min)")
     parser.add_argument("--workers", type=int, default=2, help="our parallel trials (default 2)")
+    parser.add_argument("--save", type=Path, help="also write the output, the command and the "
+                                                  "machine to this markdown file")
     args = parser.parse_args()
+    if args.save:
+        args.save = args.save.resolve()  # the benchmark works in a temporary directory
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     subset = 6000 if args.quick else None
     classic_epochs, fashion_trials, fashion_epochs = (4, 6, 3) if args.quick else (10, 20, 8)
     rows, out = [], {"quick": args.quick, "workers": args.workers}
@@ -211,12 +230,41 @@ def main() -> int:
         for _, _, r in rows[2:]:
             r["test_acc"] = retrain_test(r["params"], fsplit, fds, fashion_epochs)
         out.update(overhead(classic, ours["params"], split, work, epochs=4 if args.quick else 6))
-        out.update(memory(classic, work, n_trials=30 if args.quick else 40))
+        out.update(memory(classic, work, 30 if args.quick else 40, args.workers))
     out["time_ratio"] = out["classic"]["time_ratio"]
     out["val_acc_delta"] = out["classic"]["val_acc_delta"]
-    _print_table(rows, out)
-    print(json.dumps(out, sort_keys=True))
+    text = _table(rows, out) + "\n" + json.dumps(out, sort_keys=True)
+    print(text)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(_report(text, started, args))
+        print(f"wrote {args.save}")
     return 0
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    mem = next((int(line.split()[1]) / 2**20 for line in
+                Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}" for pkg in
+                         ("tensorflow", "keras", "keras-tuner", "optuna", "mlflow", "numpy"))
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; "
+            f"{platform.platform()}; Python {platform.python_version()}; {versions}")
+
+
+def _report(text: str, started: str, args) -> str:
+    flags = " ".join(f for f in ("--quick" if args.quick else "",
+                                 f"--workers {args.workers}" if args.workers != 2 else "") if f)
+    command = "make bench-quick" if args.quick else "make bench"
+    return (f"# mnist_opt vs keras-tuner: {command}\n\n"
+            f"- command: `{command}` (runs `{f'python bench/bench.py {flags}'.strip()}` from the "
+            f"repository root)\n- started: {started}, finished: "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n- machine: {_machine()}\n\n"
+            "Timings on these machines are noisy and differ between machines: read the "
+            "ratios, which compare runs inside this one invocation.\n\n"
+            f"```\n{text}\n```\n")
 
 
 def _compare(ours: dict, theirs: dict) -> dict:
@@ -224,21 +272,24 @@ def _compare(ours: dict, theirs: dict) -> dict:
             "val_acc_delta": ours["best_val_acc"] - theirs["best_val_acc"]}
 
 
-def _print_table(rows, out) -> None:
-    print(f"\n{'workload':12} {'tool':26} {'wall s':>8} {'trials':>6} {'epochs':>6} "
-          f"{'best val':>8} {'test':>7}")
+def _table(rows, out) -> str:
+    lines = [f"{'workload':12} {'tool':26} {'wall s':>8} {'trials':>6} {'epochs':>6} "
+             f"{'best val':>8} {'test':>7}"]
     for workload, tool, r in rows:
-        print(f"{workload:12} {tool:26} {r['wall_s']:8.1f} {r['trials']:6d} {r['epochs']:6d} "
-              f"{r['best_val_acc']:8.4f} {r.get('test_acc', float('nan')):7.4f}")
-    print(f"\nper-epoch overhead: ours {out['ours_epoch_s']:.3f} s vs bare fit "
-          f"{out['bare_epoch_s']:.3f} s → ratio {out['overhead_ratio']:.3f}")
-    print(f"RSS over {out['rss_trials']} trials: start {out['rss_start_mb']:.0f} MB, end "
-          f"{out['rss_end_mb']:.0f} MB, max {out['rss_max_mb']:.0f} MB "
-          f"(growth {out['rss_growth_mb']:+.0f} MB)")
-    print("ratios: time (ours / keras-tuner, same trials) and best-val-accuracy delta:")
+        lines.append(f"{workload:12} {tool:26} {r['wall_s']:8.1f} {r['trials']:6d} "
+                     f"{r['epochs']:6d} {r['best_val_acc']:8.4f} "
+                     f"{r.get('test_acc', float('nan')):7.4f}")
+    lines.append(f"\nper-epoch overhead: ours {out['ours_epoch_s']:.3f} s vs bare fit "
+                 f"{out['bare_epoch_s']:.3f} s → ratio {out['overhead_ratio']:.3f}")
+    for key, m in out["memory"].items():
+        lines.append(f"RSS {key:10} over {m['trials']} trials in {m['processes']} process(es): "
+                     f"start {m['start_mb']:.0f} MB, end {m['end_mb']:.0f} MB, max "
+                     f"{m['max_mb']:.0f} MB; most one process grew {m['growth_mb']:+.0f} MB")
+    lines.append("ratios: time (ours / keras-tuner, same trials) and best-val-accuracy delta:")
     for key in ("classic", "fashion_tpe", "fashion_gp"):
-        print(f"  {key:12} time_ratio {out[key]['time_ratio']:.2f}  "
-              f"val_acc_delta {out[key]['val_acc_delta']:+.4f}")
+        lines.append(f"  {key:12} time_ratio {out[key]['time_ratio']:.2f}  "
+                     f"val_acc_delta {out[key]['val_acc_delta']:+.4f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

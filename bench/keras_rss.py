@@ -19,17 +19,13 @@ import keras  # noqa: E402
 
 from mnist_opt import data  # noqa: E402
 from mnist_opt.models import build_model  # noqa: E402
+from mnist_opt.runner import rss_mb  # noqa: E402
 from mnist_opt.training import compile_model, train  # noqa: E402
 
 PARAMS = {"n_layers": 4, "units_l0": 82, "units_l1": 4, "units_l2": 76, "units_l3": 12,
           "dropout_l0": 0.2, "dropout_l1": 0.2, "dropout_l2": 0.2, "dropout_l3": 0.2,
           "batch_norm": True, "activation": "relu", "optimizer": "adam",
           "learning_rate": 1e-3, "batch_size": 128, "lr_schedule": "none"}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
 
 
 def main() -> None:

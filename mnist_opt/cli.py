@@ -1,4 +1,4 @@
-"""``mnist-opt``: list studies, run a study, retrain its best trial.
+"""``mnist-opt``: list studies, run a study, retrain its best trial, tabulate the results.
 
 Exit status: 0 done, 2 bad input (unknown study, invalid study file, missing or corrupt
 data, bad storage or tracking store, nothing to retrain), 130 interrupted, 1 anything else. Heavy imports (TensorFlow, MLflow) are
@@ -98,17 +98,61 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from mnist_opt.retrain import retrain
 
-    res = retrain(cfg, args.storage, verbose=not args.quiet)  # epoch lines unless -q
+    if args.seeds < 1:
+        raise StudyFileError(f"--seeds must be a positive integer, got {args.seeds}")
+    res = retrain(cfg, args.storage, verbose=not args.quiet, seeds=args.seeds)  # epochs unless -q
     print(f"\n{cfg.name}: best trial {res.trial_number} retrained for {cfg.retrain_epochs} epochs")
-    print(f"test accuracy {res.test_accuracy:.4f}   (best validation accuracy "
-          f"{res.val_accuracy:.4f})   test loss {res.test_loss:.4f}")
+    if args.seeds > 1:
+        print(f"test accuracy {res.test_accuracy:.4f} ± {res.test_std:.4f} (mean ± std over "
+              f"{args.seeds} seeds: {', '.join(f'{a:.4f}' for a in res.test_accuracies)})")
+    else:
+        print(f"test accuracy {res.test_accuracy:.4f}")
+    print(f"best validation accuracy {res.val_accuracy:.4f}   test loss {res.test_loss:.4f}")
     print(f"MLflow run {res.run_id}; registered model {cfg.name} version {res.model_version} "
           f"(models:/{cfg.name}/{res.model_version})")
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the study's top trials and write Optuna's plots (HTML + PNG) to reports/NAME/."""
+    cfg = _config(args)
+    from pathlib import Path
+
+    from mnist_opt import report
+    from mnist_opt.storage import resolve_storage
+
+    study = report.load(cfg, resolve_storage(args.storage))
+    print(report.table(study, args.top))
+    folder = Path("reports") / cfg.name
+    skipped = report.write_plots(study, folder)
+    print(f"\nplots: {folder}/ ({', '.join(p.name for p in sorted(folder.glob('*.html')))})")
+    for name, reason in skipped.items():
+        print(f"  {name} not drawn: {reason}")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """The results table: each study's search and retrained test accuracy, read from MLflow."""
+    from pathlib import Path
+
+    from mnist_opt import results
+
+    rows = results.collect(args.names)
+    table = results.markdown(rows)
+    if args.update:
+        results.update_file(Path(args.update), table)
+        print(f"wrote the results of {len(rows)} studies into {args.update}")
+    else:
+        print(table, end="")
+    if not rows:
+        print("no study has been retrained yet: run `make study NAME=…` then "
+              "`make retrain NAME=… SEEDS=3`", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "list": cmd_list, "study": cmd_study, "retrain": cmd_retrain}
+    "list": cmd_list, "study": cmd_study, "retrain": cmd_retrain, "report": cmd_report,
+    "results": cmd_results}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         if name == "list":
             p.add_argument("-f", "--format", choices=["table", "json"], default="table")
+        elif name == "results":
+            p.add_argument("names", nargs="*", metavar="NAME", help="studies (default: all)")
+            p.add_argument("--update", metavar="FILE",
+                           help="write the table between the results markers of FILE (README.md)")
         else:
             p.add_argument("name", help="study name (a file studies/NAME.yaml) or a path to one")
             _overrides(p)
+        if name == "report":
+            p.add_argument("--top", type=int, default=10, help="trials in the table (default 10)")
+        if name == "retrain":
+            p.add_argument("--seeds", type=int, default=1, metavar="K",
+                           help="train K times with different seeds; report mean ± std")
         if name == "study":
             p.add_argument("-w", "--workers", type=int, default=1,
                            help="parallel worker processes sharing the study (default 1)")
@@ -132,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt.install()
+    if args.command in ("study", "retrain"):
+        from mnist_opt.quiet import import_tensorflow
+
+        import_tensorflow()
     try:
         return COMMANDS[args.command](args)
     except MnistOptError as exc:

@@ -84,7 +84,7 @@ SpaceEntry = Annotated[Union[Annotated[Choice, Tag("choice")], Annotated[Range, 
 MODEL_PARAMS = {
     "mlp": {"n_layers", "units", "dropout", "batch_norm", "activation"},
     "cnn": {"n_blocks", "filters", "kernel_size", "padding", "pooling", "batch_norm", "activation",
-            "conv_dropout", "head", "dense_units", "dropout"},
+            "conv_dropout", "head", "dense_units", "dropout", "convs_per_block", "augment"},
 }
 TRAINING_PARAMS = {"optimizer", "learning_rate", "batch_size", "lr_schedule", "lr_decay",
                    "weight_decay"}
@@ -94,7 +94,9 @@ PER_LAYER = {"units", "dropout", "filters"}  # may be a list: one spec per layer
 class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 48
-    train_subset: Optional[int] = Field(None, ge=100)
+    train_subset: Optional[int] = Field(None, ge=100)  # search and retrain
+    # Search only (a cheaper fidelity); retrain still trains on train_subset / all images.
+    search_subset: Optional[int] = Field(None, ge=100)
 
 
 class SearchConfig(_Strict):
@@ -109,11 +111,21 @@ class SearchConfig(_Strict):
     n_trials: int = Field(20, ge=1)
     timeout: Optional[int] = Field(None, ge=1)
     seed: int = 48
+    # With --workers, a worker process is replaced after this many trials: TensorFlow keeps
+    # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
+    # process is the one cure that works.
+    trials_per_worker: int = Field(8, ge=1)
 
 
 class TrainingConfig(_Strict):
     max_epochs: int = Field(10, ge=1)
     retrain_epochs: Optional[int] = Field(None, ge=1)
+
+
+class Reference(_Strict):
+    """A published result this study should beat (shown next to ours by ``mnist-opt results``)."""
+    test_accuracy: float = Field(gt=0, le=1)
+    source: str
 
 
 class StudyConfig(_Strict):
@@ -125,6 +137,7 @@ class StudyConfig(_Strict):
     search: SearchConfig = SearchConfig()
     training: TrainingConfig = TrainingConfig()
     space: dict[str, SpaceEntry]
+    reference: Optional[Reference] = None
     path: Optional[Path] = None
     digest: str = ""
 
@@ -154,6 +167,12 @@ class StudyConfig(_Strict):
         return self
 
     @property
+    def search_subset(self) -> int | None:
+        """The training images a trial draws from: the smaller of the two subsets."""
+        sizes = [n for n in (self.data.train_subset, self.data.search_subset) if n]
+        return min(sizes) if sizes else None
+
+    @property
     def retrain_epochs(self) -> int:
         return self.training.retrain_epochs or self.training.max_epochs
 
@@ -165,7 +184,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     """The keys allowed where an unknown key was found, for the error message."""
     if loc and loc[0] == "space":
         return sorted(Choice.model_fields if "choice" in loc else set(Range.model_fields) - {"is_int"})
-    section = {"data": DataConfig, "search": SearchConfig, "training": TrainingConfig}
+    section = {"data": DataConfig, "search": SearchConfig, "training": TrainingConfig,
+               "reference": Reference}
     model = section.get(loc[0]) if len(loc) == 2 else StudyConfig
     return sorted(set(model.model_fields) - {"name", "path", "digest"}) if model else []
 

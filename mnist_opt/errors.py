@@ -14,7 +14,7 @@ class DataError(MnistOptError):
 
 
 class RetrainError(MnistOptError):
-    """No study, or no completed trial, to retrain."""
+    """No study, or no completed trial, to retrain or report on."""
 
 
 class StorageError(MnistOptError):

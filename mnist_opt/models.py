@@ -33,21 +33,27 @@ def build_mlp(params: dict[str, Any]) -> keras.Model:
 
 
 def build_cnn(params: dict[str, Any]) -> keras.Model:
-    """Conv blocks ``filters_b{i}`` (conv → [BN] → act → [pool] → [dropout]) and a dense or GAP head.
+    """Conv blocks ``filters_b{i}`` ((conv → [BN] → act) × ``convs_per_block`` → [pool] →
+    [dropout]) and a dense or GAP head.
 
-    A block whose 'valid' convolution would not fit the remaining feature map uses 'same'
-    padding, and pooling is skipped below 2×2, so every point of the space builds.
+    ``augment`` > 0 shifts training images by up to that fraction of their size (a Keras
+    layer, so it is off at inference and travels with the saved model). A 'valid'
+    convolution that would not fit the remaining feature map uses 'same' padding, and
+    pooling is skipped below 2×2, so every point of the space builds.
     """
     inputs = keras.Input(INPUT_SHAPE)
     x, size, k = inputs, INPUT_SHAPE[0], params["kernel_size"]
+    if params.get("augment", 0.0) > 0:
+        x = layers.RandomTranslation(params["augment"], params["augment"], fill_mode="constant")(x)
     for i in range(params["n_blocks"]):
-        padding = params["padding"] if size - k + 1 >= 2 else "same"
-        x = layers.Conv2D(params[f"filters_b{i}"], k, padding=padding,
-                          use_bias=not params["batch_norm"])(x)
-        size = size if padding == "same" else size - k + 1
-        if params["batch_norm"]:
-            x = layers.BatchNormalization()(x)
-        x = layers.Activation(params["activation"])(x)
+        for _ in range(params.get("convs_per_block", 1)):
+            padding = params["padding"] if size - k + 1 >= 2 else "same"
+            x = layers.Conv2D(params[f"filters_b{i}"], k, padding=padding,
+                              use_bias=not params["batch_norm"])(x)
+            size = size if padding == "same" else size - k + 1
+            if params["batch_norm"]:
+                x = layers.BatchNormalization()(x)
+            x = layers.Activation(params["activation"])(x)
         if params["pooling"] != "none" and size >= 2:
             pool = layers.MaxPooling2D if params["pooling"] == "max" else layers.AveragePooling2D
             x, size = pool(2)(x), size // 2

@@ -1,10 +1,12 @@
 """Retrain the best trial on train+validation, evaluate it on the held-out test set, register it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 import keras
 import mlflow
+import numpy as np
 import optuna
 
 from mnist_opt import data, tracking
@@ -21,11 +23,16 @@ from mnist_opt.training import evaluate, train
 class RetrainResult:
     trial_number: int
     val_accuracy: float
-    test_accuracy: float
+    test_accuracy: float  # the mean over seeds
     test_loss: float
     run_id: str
     model_uri: str
     model_version: str | None
+    test_accuracies: list[float] = field(default_factory=list)  # one per seed
+
+    @property
+    def test_std(self) -> float:
+        return statistics.stdev(self.test_accuracies) if len(self.test_accuracies) > 1 else 0.0
 
 
 def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
@@ -41,10 +48,25 @@ def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
                            f"with `mnist-opt study {cfg.name}`") from None
 
 
-def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True) -> RetrainResult:
+def _train_and_test(params: dict, train_xy: tuple[np.ndarray, np.ndarray], ds: data.Dataset,
+                    epochs: int, seed: int, label: str, verbose: bool):
+    """One seeded training on all training images, then the test set."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = build_model(params)
+    callback = TrialCallback(None, epochs=epochs, label=label, verbose=verbose)
+    train(model, params, train_xy, None, epochs, [callback], seed=seed)
+    return model, evaluate(model, data.to_float(ds.x_test), ds.y_test.astype("int64"))
+
+
+def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
+            seeds: int = 1) -> RetrainResult:
     """Rebuild the best trial's model from its params and train it on all training images.
 
-    Search never saw the test set; this is the one place that reads it.
+    With ``seeds`` > 1 the same configuration is trained once per seed (each a nested MLflow
+    run) and the parent run gets the mean and standard deviation, so a result is not one lucky
+    initialisation. The first seed's model is the one registered. Search never saw the test
+    set; this is the one place that reads it.
     """
     storage = resolve_storage(storage)
     best = best_trial(cfg, storage)
@@ -52,23 +74,36 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True) 
     params = suggest_params(optuna.trial.FixedTrial(best.params), cfg)
     ds = data.load(cfg.dataset)
     x, y = data.stratified_subset(ds.x_train, ds.y_train, cfg.data.train_subset, cfg.data.seed)
+    train_xy = (data.to_float(x), y.astype("int64"))
     exp = tracking.open_experiment(cfg.name)
     tags = {"mnist_opt.kind": "retrain", "source_trial": str(best.number),
             "source_run_id": best.user_attrs.get("mlflow_run_id", ""),
             "optuna.study_name": cfg.name, "optuna.storage": storage}
     epochs = cfg.retrain_epochs
+    all_seeds = [cfg.search.seed + i for i in range(seeds)]
     with mlflow.start_run(experiment_id=exp, run_name=f"retrain-trial-{best.number}", tags=tags) as run:
-        mlflow.log_params({**params, "epochs": epochs, "n_train": len(y)})
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(cfg.search.seed)
-        model = build_model(params)
-        callback = TrialCallback(None, epochs=epochs, label="retrain", verbose=verbose)
-        train(model, params, (data.to_float(x), y.astype("int64")), None, epochs, [callback],
-              seed=cfg.search.seed)
-        scores = evaluate(model, data.to_float(ds.x_test), ds.y_test.astype("int64"))
-        mlflow.log_metrics({"test_loss": scores["loss"], "test_accuracy": scores["accuracy"],
-                            "best_val_accuracy": val_accuracy})
-        info = tracking.log_model(model, registered_name=cfg.name)
-    return RetrainResult(best.number, val_accuracy, scores["accuracy"], scores["loss"],
-                         run.info.run_id, info.model_uri,
-                         str(info.registered_model_version) if info.registered_model_version else None)
+        mlflow.log_params({**params, "epochs": epochs, "n_train": len(y), "seeds": seeds})
+        results, info = [], None
+        for seed in all_seeds:
+            label = "retrain" if seeds == 1 else f"seed {seed}"
+            if seeds == 1:
+                model, scores = _train_and_test(params, train_xy, ds, epochs, seed, label, verbose)
+            else:
+                with mlflow.start_run(experiment_id=exp, run_name=f"seed-{seed}", nested=True,
+                                      tags={"mnist_opt.kind": "retrain-seed", "seed": str(seed)}):
+                    model, scores = _train_and_test(params, train_xy, ds, epochs, seed, label,
+                                                    verbose)
+                    mlflow.log_metrics({"test_loss": scores["loss"],
+                                        "test_accuracy": scores["accuracy"]})
+            results.append(scores)
+            if info is None:  # register the first seed's model, chosen before any test score
+                info = tracking.log_model(model, registered_name=cfg.name)
+            del model
+        accs = [r["accuracy"] for r in results]
+        result = RetrainResult(best.number, val_accuracy, statistics.fmean(accs),
+                               statistics.fmean(r["loss"] for r in results), run.info.run_id,
+                               info.model_uri, str(info.registered_model_version)
+                               if info.registered_model_version else None, accs)
+        mlflow.log_metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+                            "test_accuracy_std": result.test_std, "best_val_accuracy": val_accuracy})
+    return result

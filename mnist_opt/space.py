@@ -17,7 +17,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"n_layers": 2, "units": 128, "dropout": 0.0, "batch_norm": False, "activation": "relu"},
     "cnn": {"n_blocks": 2, "filters": 32, "kernel_size": 3, "padding": "same", "pooling": "max",
             "batch_norm": False, "activation": "relu", "conv_dropout": 0.0, "head": "dense",
-            "dense_units": 128, "dropout": 0.0},
+            "dense_units": 128, "dropout": 0.0, "convs_per_block": 1, "augment": 0.0},
     "training": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128,
                  "lr_schedule": "none", "lr_decay": 0.9, "weight_decay": 1e-4},
 }

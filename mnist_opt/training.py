@@ -27,14 +27,31 @@ def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimi
     raise ValueError(f"unknown optimizer {name!r}; allowed: adam, sgd, adamw")
 
 
+_TENSORS: dict[int, tuple[np.ndarray, tf.Tensor]] = {}
+
+
+def _tensor(array: np.ndarray) -> tf.Tensor:
+    """``array`` as a tensor, copied once per process: every trial trains on the same split.
+
+    Keyed by identity (the cache holds the array, so the id stays valid); a few entries
+    (train and validation images and labels) are all a process needs.
+    """
+    hit = _TENSORS.get(id(array))
+    if hit is None:
+        if len(_TENSORS) >= 8:
+            _TENSORS.clear()
+        hit = _TENSORS[id(array)] = (array, tf.constant(array))
+    return hit[1]
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int,
                  shuffle_seed: int | None = None) -> tf.data.Dataset:
     """An in-memory ``tf.data`` pipeline: shuffle indices, gather whole batches.
 
     Gathering a batch at once keeps per-step overhead low (small models here are bound by
-    it, not by arithmetic); the arrays are turned into tensors once per call, not per epoch.
+    it, not by arithmetic); the arrays become tensors once per process, not per trial or epoch.
     """
-    xs, ys = tf.constant(x), tf.constant(y)
+    xs, ys = _tensor(x), _tensor(y)
     ds = tf.data.Dataset.range(len(y))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -43,10 +60,18 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def compile_model(model: keras.Model, params: dict[str, Any], n_train: int) -> keras.Model:
+# Batches per compiled call: small models are bound by per-step Python overhead, and running
+# 8 steps inside one tf.function call made an epoch of the classic MLP 25-50 % faster here
+# (first epoch, i.e. tracing, unchanged). Callbacks still see every epoch.
+STEPS_PER_EXECUTION = 8
+
+
+def compile_model(model: keras.Model, params: dict[str, Any], n_train: int,
+                  steps_per_execution: int = 1) -> keras.Model:
     steps = max(1, -(-n_train // params["batch_size"]))
     model.compile(optimizer=make_optimizer(params, steps),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=steps_per_execution)
     return model
 
 
@@ -54,7 +79,7 @@ def train(model: keras.Model, params: dict[str, Any], train_xy: tuple[np.ndarray
           val_xy: tuple[np.ndarray, np.ndarray] | None, epochs: int,
           callbacks: Sequence[keras.callbacks.Callback] = (), seed: int = 0) -> keras.callbacks.History:
     """Compile and fit ``model``; the callbacks do the reporting, logging and pruning."""
-    compile_model(model, params, len(train_xy[1]))
+    compile_model(model, params, len(train_xy[1]), STEPS_PER_EXECUTION)
     batch = params["batch_size"]
     val = make_dataset(*val_xy, batch_size=max(batch, 512)) if val_xy is not None else None
     return model.fit(make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed),

@@ -26,51 +26,86 @@ def quotas(remaining: int, workers: int) -> list[int]:
 
 def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: int,
                 verbose: bool) -> None:
-    """Start the workers and wait; Ctrl-C / SIGTERM is passed on and waited for."""
+    """Keep ``workers`` processes busy until each slot has run its share of trials.
+
+    A slot's process is replaced after ``cfg.search.trials_per_worker`` trials (TensorFlow
+    leaks traced graphs per model; a fresh process frees them), with a new sampler seed and
+    what is left of the study's timeout. Ctrl-C / SIGTERM is passed on and waited for.
+    """
     threads = max(1, (os.cpu_count() or 1) // workers)
+    deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
+    shares = quotas(remaining, workers)
+    procs: list[subprocess.Popen | None] = [None] * workers
+    given = [0] * workers  # trials handed to the slot's current process
+    spawned, failed = 0, []
     with tempfile.TemporaryDirectory(prefix="mnist_opt_") as tmp:
         config = Path(tmp) / "study.json"
         config.write_text(cfg.model_dump_json())
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "mnist_opt.workers", str(config), "--storage", storage,
-             "--parent-run-id", parent_run_id, "--n-trials", str(share), "--index", str(i),
-             "--threads", str(threads), *(["-v"] if verbose else [])])
-            for i, share in enumerate(quotas(remaining, workers)) if share]
-        print(f"{len(procs)} workers started (pids {', '.join(str(p.pid) for p in procs)}), "
-              f"{threads} thread(s) each", flush=True)
+
+        def spawn(slot: int) -> None:
+            nonlocal spawned
+            given[slot] = min(shares[slot], cfg.search.trials_per_worker)
+            left = None if deadline is None else max(1, int(deadline - time.monotonic()))
+            procs[slot] = subprocess.Popen(
+                [sys.executable, "-m", "mnist_opt.workers", str(config), "--storage", storage,
+                 "--parent-run-id", parent_run_id, "--n-trials", str(given[slot]),
+                 "--index", str(spawned), "--threads", str(threads),
+                 *(["--timeout", str(left)] if left else []), *(["-v"] if verbose else [])])
+            spawned += 1
+
+        for slot in range(workers):
+            if shares[slot]:
+                spawn(slot)
+        print(f"{sum(p is not None for p in procs)} workers started "
+              f"(pids {', '.join(str(p.pid) for p in procs if p)}), {threads} thread(s) each, "
+              f"each replaced after {cfg.search.trials_per_worker} trials", flush=True)
         try:
-            while any(p.poll() is None for p in procs):
+            while any(p is not None for p in procs):
                 interrupt.check()
                 time.sleep(0.5)
+                for slot, proc in enumerate(procs):
+                    if proc is None or proc.poll() is None:
+                        continue
+                    procs[slot] = None
+                    shares[slot] -= given[slot]
+                    if proc.returncode:
+                        failed.append(proc.returncode)
+                    elif shares[slot] > 0 and (deadline is None or time.monotonic() < deadline):
+                        spawn(slot)
         except KeyboardInterrupt:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            for p in procs:
+            running = [p for p in procs if p is not None and p.poll() is None]
+            for p in running:
+                p.send_signal(signal.SIGINT)
+            for p in running:
                 p.wait(timeout=300)
             raise
-    failed = [p.returncode for p in procs if p.returncode]
     if failed:
         print(f"warning: {len(failed)} worker(s) exited with status {failed}", file=sys.stderr)
 
 
 def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: int,
-         verbose: bool) -> None:
+         verbose: bool, timeout: int | None = None) -> None:
     """One worker: load the data once, join the study, run its share of trials."""
     import mlflow
     import optuna
 
     from mnist_opt import data, tracking
     from mnist_opt.config import StudyConfig
-    from mnist_opt.runner import make_pruner, make_sampler, optimize
+    from mnist_opt.runner import make_pruner, make_sampler, n_finished, optimize
     from mnist_opt.storage import make_storage
 
     cfg = StudyConfig.model_validate_json(config.read_text())
+    if timeout:  # what is left of the study's timeout when this process started
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"timeout": timeout})})
     study = optuna.load_study(study_name=cfg.name, storage=make_storage(storage),
                               sampler=make_sampler(cfg, seed_offset=index),
                               pruner=make_pruner(cfg))
     split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                       cfg.data.train_subset)
+                       cfg.search_subset)
+    # A replacement process may start after the others reached the study's target.
+    n_trials = min(n_trials, cfg.search.n_trials - n_finished(study))
+    if n_trials <= 0:
+        return
     tracking.configure()
     optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose, progress=False)
 
@@ -84,15 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-trials", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timeout", type=int)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     interrupt.install()
-    import tensorflow as tf
+    from mnist_opt.quiet import import_tensorflow
+
+    tf = import_tensorflow()
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     try:
-        work(args.config, args.storage, args.parent_run_id, args.n_trials, args.index, args.verbose)
+        work(args.config, args.storage, args.parent_run_id, args.n_trials, args.index, args.verbose,
+             args.timeout)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -81,7 +81,7 @@ def test_unknown_top_level_key(tmp_path: Path):
     doc["serach"] = doc.pop("search")
     msg = _error(_write(tmp_path, doc))
     assert "serach: unknown field" in msg
-    assert "allowed: data, dataset, description, model, search, space, training" in msg
+    assert "allowed: data, dataset, description, model, reference, search, space, training" in msg
 
 
 def test_val_fraction_out_of_range(tmp_path: Path):
@@ -181,3 +181,13 @@ def test_with_overrides_copies():
 def test_with_overrides_none_keeps_values():
     cfg = find_study("mlp_tpe", STUDIES)
     assert with_overrides(cfg).model_dump() == cfg.model_dump()
+
+
+def test_search_subset_applies_to_trials_only(tmp_path):
+    doc = yaml.safe_load((STUDIES / "cnn_gp.yaml").read_text())
+    doc["data"]["search_subset"] = 2000
+    path = tmp_path / "cnn_small.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    assert cfg.search_subset == 2000 and cfg.data.train_subset is None  # retrain: all images
+    assert with_overrides(cfg, train_subset=1000).search_subset == 1000  # the smaller one

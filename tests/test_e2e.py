@@ -11,8 +11,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_opt import data
+from mnist_opt import data, results
 from mnist_opt.config import find_study, with_overrides
+from mnist_opt.plots import PLOTS
 from mnist_opt.retrain import retrain
 from mnist_opt.runner import run_study
 
@@ -100,15 +101,42 @@ def test_retrain_logs_test_accuracy_and_registers_a_model(finished):
     assert run.data.metrics["test_accuracy"] == pytest.approx(res.test_accuracy)
     assert 0.5 < res.test_accuracy <= 1.0  # 2 epochs on 3,000 images: well above chance (0.1)
     assert run.data.tags["source_trial"] == str(study.best_trial.number)
-    versions = client.search_model_versions("name = 'mlp_tpe'")
+    versions = [v for v in client.search_model_versions("name = 'mlp_tpe'")
+                if v.run_id == res.run_id]  # the seeds test below registers version 2
     assert [str(v.version) for v in versions] == [res.model_version] == ["1"]
-    assert versions[0].run_id == res.run_id
     ds = data.load("mnist")
     x = data.to_float(ds.x_test[:200])
     model = mlflow.pyfunc.load_model(f"models:/mlp_tpe/{res.model_version}")
     probs = np.asarray(model.predict(x))
     assert probs.shape == (200, 10)
     assert (probs.argmax(axis=1) == ds.y_test[:200]).mean() > 0.5
+
+
+def test_retrain_with_seeds_reports_mean_and_std_of_nested_runs(finished):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(finished["tmp"])
+        res = retrain(finished["cfg"], finished["storage"], verbose=False, seeds=2)
+        mp.setenv("MNIST_OPT_STUDIES", str(ROOT / "studies"))
+        row = results.collect(["mlp_tpe"])[0]
+    client = finished["client"]
+    parent = client.get_run(res.run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{res.run_id}'")
+    assert sorted(r.data.tags["seed"] for r in children) == ["48", "49"]
+    accs = sorted(r.data.metrics["test_accuracy"] for r in children)
+    assert sorted(res.test_accuracies) == pytest.approx(accs)
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(np.mean(accs))
+    assert parent.data.metrics["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+    assert parent.data.params["seeds"] == "2" and res.model_version == "2"
+    # the table reads back this latest retrain, and the README update keeps the text around it
+    assert row["seeds"] == 2 and row["test"] == pytest.approx(res.test_accuracy)
+    assert row["complete"] + row["pruned"] == N_TRIALS
+    readme = finished["tmp"] / "README.md"
+    readme.write_text(f"intro\n{results.START}\nold\n{results.END}\noutro\n")
+    results.update_file(readme, results.markdown([row]))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert f"{res.test_accuracy:.2%} ± {res.test_std:.2%}" in text and "| mlp_tpe |" in text
 
 
 def test_rerun_continues_the_study_to_its_target(finished, capsys):
@@ -130,7 +158,10 @@ def test_cnn_study_with_gp_sampler(stores):
     study = run_study(cfg, stores["storage"], verbose=False, progress=False)
     assert len(study.trials) == 2
     assert isinstance(study.sampler, optuna.samplers.GPSampler)
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    states = [t.state for t in study.trials]  # Hyperband may prune the second at epoch 1
+    assert states[0] == optuna.trial.TrialState.COMPLETE
+    assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert all({"convs_per_block", "augment"} <= set(t.params) for t in study.trials)
     assert all(t.user_attrs["n_params"] > 0 for t in study.trials)
 
 
@@ -197,3 +228,36 @@ def test_same_study_file_and_seed_give_the_same_split_and_params(tmp_path, monke
         for pkg in ("tensorflow", "keras", "optuna", "mlflow", "numpy", "python"):
             assert parent.data.params[f"version.{pkg}"]
     assert sequences[0] == sequences[1] and len(sequences[0]) == 3
+
+
+def test_study_run_holds_optuna_plots_as_html_and_png(finished):
+    client = finished["client"]
+    parent = _runs(client, "mlp_tpe", "study")[-1]  # the fixture's own invocation
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    skipped = parent.data.tags.get("plots_skipped", "")
+    for plot in PLOTS:
+        if plot == "param_importances" and plot in skipped:
+            continue  # needs two completed trials; 3 short trials may have fewer
+        assert {f"plots/{plot}.html", f"plots/{plot}.png"} <= names, (plot, skipped)
+
+
+def test_report_prints_the_top_trials_and_writes_plots(finished, tmp_path):
+    proc = _cli("report", "mlp_tpe", "--storage", finished["storage"], "--top", "2",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["#", "state", "value", "epochs"]
+    study = optuna.load_study(study_name="mlp_tpe", storage=finished["storage"])  # the rerun
+    best = study.best_trial                                                  # test adds one
+    assert lines[1].split()[:3] == [str(best.number), "COMPLETE", f"{best.value:.4f}"]
+    assert f"{len(study.trials)} trials:" in proc.stdout
+    folder = tmp_path / "reports" / "mlp_tpe"
+    png = folder / "optimization_history.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plotly" in (folder / "intermediate_values.html").read_text()
+    assert (folder / "plotly.min.js").exists()  # the HTML works offline
+
+
+def test_report_of_an_unknown_study_says_what_to_run(stores, tmp_path):
+    proc = _cli("report", "mlp_random", cwd=tmp_path)
+    assert proc.returncode == 2 and "mnist-opt study mlp_random" in proc.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 from keras import layers
 
@@ -165,3 +166,15 @@ def test_no_schedule_is_constant():
                           "lr_decay": 0.5}, 10)
     opt.iterations.assign(100)
     assert float(opt.learning_rate) == pytest.approx(0.1)
+
+
+def test_cnn_two_convs_per_block_and_augmentation_only_in_training():
+    model = build_model(_cnn(convs_per_block=2, augment=0.1))
+    assert [c.filters for c in _layers(model, layers.Conv2D)] == [16, 16, 32, 32]
+    assert len(_layers(model, layers.MaxPooling2D)) == 2
+    shift = _layers(model, layers.RandomTranslation)[0]
+    assert shift.height_factor == shift.width_factor == 0.1
+    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype("float32")
+    inference = [np.asarray(shift(x, training=False)) for _ in range(2)]
+    assert np.array_equal(inference[0], x) and np.array_equal(inference[1], x)
+    assert not np.array_equal(np.asarray(shift(x, training=True)), x)

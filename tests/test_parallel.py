@@ -16,11 +16,11 @@ pytestmark = pytest.mark.e2e
 TS = optuna.trial.TrialState
 
 
-def _study_file(tmp_path: Path, name: str, n_trials: int) -> Path:
+def _study_file(tmp_path: Path, name: str, n_trials: int, **search) -> Path:
     doc = {"dataset": "mnist", "model": "mlp",
            "data": {"val_fraction": 0.2, "seed": 1, "train_subset": 1000},
            "search": {"sampler": "tpe", "n_startup_trials": 2, "pruner": "hyperband",
-                      "n_trials": n_trials, "seed": 5},
+                      "n_trials": n_trials, "seed": 5, **search},
            "training": {"max_epochs": 3},
            "space": {"n_layers": {"low": 1, "high": 2}, "units": {"low": 16, "high": 64},
                      "learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}}
@@ -50,14 +50,17 @@ def _check_consistent(storage: str, name: str, tracking: str) -> list[optuna.tri
 
 
 def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
-    path = _study_file(tmp_path, "pg_parallel", n_trials=8)
+    path = _study_file(tmp_path, "pg_parallel", n_trials=8, trials_per_worker=3)
     env = {"OPTUNA_STORAGE": postgres["optuna"], "MLFLOW_TRACKING_URI": postgres["mlflow"]}
     proc = _study(path, tmp_path, env, "--workers", "2")
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-4000:]
-    assert "2 workers started" in out
+    assert "2 workers started" in out and "replaced after 3 trials" in out
     trials = _check_consistent(postgres["optuna"], "pg_parallel", postgres["mlflow"])
     assert len(trials) == 8
+    # shares of 4 and 4, each run as 3 + 1 by a fresh process: four processes in all
+    assert len({t.user_attrs["pid"] for t in trials}) == 4
+    assert all(t.user_attrs["rss_mb"] > 100 for t in trials)  # TensorFlow alone is more
     assert all(t.state in (TS.COMPLETE, TS.PRUNED) for t in trials)
     client = MlflowClient(postgres["mlflow"])
     exp = client.get_experiment_by_name("pg_parallel")

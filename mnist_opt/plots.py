@@ -1,0 +1,53 @@
+"""Optuna's standard study plots, as HTML (plotly) and PNG (matplotlib), for MLflow and reports/.
+
+PNG goes through Optuna's matplotlib backend, so no browser-based image exporter (kaleido) is
+needed; the HTML files load plotly.js from a file next to them (``reports/``) or from its CDN
+(MLflow artifacts, where the PNG is the offline copy).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import optuna.visualization as pv  # noqa: E402
+import optuna.visualization.matplotlib as pm  # noqa: E402
+
+PLOTS = ("optimization_history", "param_importances", "intermediate_values",
+         "parallel_coordinate", "slice")
+
+
+def _figure(result):
+    """The matplotlib Figure behind what an Optuna matplotlib plot returns (Axes or an array)."""
+    first = result.flat[0] if hasattr(result, "flat") else result
+    return first.figure
+
+
+def write_plots(study: optuna.Study, folder: Path, plotly_js: str | bool = "directory"
+                ) -> dict[str, str]:
+    """Write ``<plot>.html`` and ``<plot>.png`` for each of :data:`PLOTS` into ``folder``.
+
+    Returns ``{plot: reason}`` for the plots that could not be drawn (e.g. parameter
+    importances need two completed trials with at least one searched parameter).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, str] = {}
+    # The matplotlib backend is "experimental", and one-valued axes warn: neither helps a reader.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in PLOTS:
+            try:
+                getattr(pv, f"plot_{name}")(study).write_html(
+                    folder / f"{name}.html", include_plotlyjs=plotly_js)
+                fig = _figure(getattr(pm, f"plot_{name}")(study))
+                fig.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
+                plt.close(fig)
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                skipped[name] = f"{type(exc).__name__}: {exc}"
+                plt.close("all")
+    return skipped

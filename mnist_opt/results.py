@@ -1,0 +1,88 @@
+"""The results table (README): each study's search and its retrained test accuracy, from MLflow.
+
+Nothing here is typed by hand: the figures are read back from the runs that ``mnist-opt
+study`` and ``mnist-opt retrain --seeds K`` logged, and the published reference from the
+study file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from mnist_opt import tracking
+from mnist_opt.config import StudyConfig, find_study, known_studies
+from mnist_opt.errors import MnistOptError
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _runs(client: MlflowClient, experiment_id: str, kind: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`mnist_opt.kind` = '{kind}'",
+                              order_by=["attributes.start_time DESC"])
+
+
+def study_row(client: MlflowClient, cfg: StudyConfig) -> dict | None:
+    """The latest finished retrain of ``cfg`` and the search it came from; None if never retrained."""
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is None:
+        return None
+    retrains = [r for r in _runs(client, exp.experiment_id, "retrain")
+                if r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics]
+    if not retrains:
+        return None
+    best = retrains[0]
+    studies = [r for r in _runs(client, exp.experiment_id, "study") if "n_complete" in r.data.metrics]
+    latest = studies[0] if studies else None
+    metrics = latest.data.metrics if latest else {}
+    # search time of this version of the study file only (a changed file is a new search)
+    digest = latest.data.tags.get("mnist_opt.config_digest") if latest else None
+    studies = [r for r in studies if r.data.tags.get("mnist_opt.config_digest") == digest]
+    return {
+        "study": cfg.name, "dataset": cfg.dataset, "model": cfg.model,
+        "sampler": cfg.search.sampler, "pruner": cfg.search.pruner,
+        "complete": int(metrics.get("n_complete", 0)), "pruned": int(metrics.get("n_pruned", 0)),
+        "search_s": sum(r.data.metrics.get("wall_s", 0.0) for r in studies),
+        "retrain_s": (best.info.end_time - best.info.start_time) / 1000,
+        "epochs": int(best.data.params.get("epochs", 0)),
+        "seeds": int(best.data.params.get("seeds", 1)),
+        "val": best.data.metrics.get("best_val_accuracy", float("nan")),
+        "test": best.data.metrics["test_accuracy"],
+        "std": best.data.metrics.get("test_accuracy_std", 0.0),
+        "reference": cfg.reference.test_accuracy if cfg.reference else None,
+        "source": cfg.reference.source if cfg.reference else "",
+    }
+
+
+def collect(names: list[str] | None = None) -> list[dict]:
+    tracking.configure()
+    client = MlflowClient()
+    rows = [study_row(client, find_study(name)) for name in names or known_studies()]
+    return [row for row in rows if row]
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| study | data / model | sampler + pruner | trials (complete/pruned) | search | "
+            "retrain | best val | **test** (mean ± std) | published | beaten |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        ref = f"{r['reference']:.1%} ({r['source']})" if r["reference"] else "—"
+        beaten = "—" if r["reference"] is None else ("yes" if r["test"] >= r["reference"] else "no")
+        lines.append(
+            f"| {r['study']} | {r['dataset']} {r['model']} | {r['sampler']} + {r['pruner']} | "
+            f"{r['complete'] + r['pruned']} ({r['complete']}/{r['pruned']}) | "
+            f"{r['search_s'] / 60:.1f} min | {r['seeds']}× {r['epochs']} ep, "
+            f"{r['retrain_s'] / 60:.1f} min | {r['val']:.4f} | "
+            f"**{r['test']:.2%} ± {r['std']:.2%}** | {ref} | {beaten} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def update_file(path: Path, table: str) -> None:
+    """Replace the text between the results markers in ``path`` (the README) with ``table``."""
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise MnistOptError(f"{path} has no {START} … {END} markers to put the table between")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    path.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
