@@ -114,7 +114,7 @@ class SearchConfig(_Strict):
     # With --workers, a worker process is replaced after this many trials: TensorFlow keeps
     # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
     # process is the one cure that works.
-    trials_per_worker: int = Field(8, ge=1)
+    trials_per_worker: int = Field(6, ge=1)
 
 
 class TrainingConfig(_Strict):
