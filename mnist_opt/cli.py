@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt.install()
-    if args.command in ("study", "retrain"):
+    if args.command in ("study", "retrain", "results"):  # results: MLflow's keras flavour
         from mnist_opt.quiet import import_tensorflow
 
         import_tensorflow()

@@ -69,13 +69,15 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         ref = f"{r['reference']:.1%} ({r['source']})" if r["reference"] else "—"
+        test = (f"**{r['test']:.2%} ± {r['std']:.2%}**" if r["seeds"] > 1
+                else f"**{r['test']:.2%}** (1 seed)")
         beaten = "—" if r["reference"] is None else ("yes" if r["test"] >= r["reference"] else "no")
         lines.append(
             f"| {r['study']} | {r['dataset']} {r['model']} | {r['sampler']} + {r['pruner']} | "
             f"{r['complete'] + r['pruned']} ({r['complete']}/{r['pruned']}) | "
             f"{r['search_s'] / 60:.1f} min | {r['seeds']}× {r['epochs']} ep, "
             f"{r['retrain_s'] / 60:.1f} min | {r['val']:.4f} | "
-            f"**{r['test']:.2%} ± {r['std']:.2%}** | {ref} | {beaten} |")
+            f"{test} | {ref} | {beaten} |")
     return head + "\n".join(lines) + "\n"
 
 
