@@ -89,7 +89,7 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
             try:
                 # A fresh graph and names, and the last trial's model collected. Then freeze what
                 # survives (live data, and graphs TensorFlow leaks): the next collection scans
-                # one trial's objects, 0.02 s, not all of them, 0.3-0.5 s and growing.
+                # one trial's objects, not all of them (a full one grows with every leaked graph).
                 keras.backend.clear_session(free_memory=False)
                 gc.collect()
                 gc.freeze()
