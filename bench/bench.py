@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from mnist_opt.quiet import import_tensorflow  # noqa: E402
 
+import_tensorflow()  # before Keras: no start-up noise or retracing notices in the report
 import keras  # noqa: E402
 import keras_tuner as kt  # noqa: E402
 import numpy as np  # noqa: E402
