@@ -118,13 +118,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from pathlib import Path
 
-    from mnist_opt import report
-    from mnist_opt.storage import resolve_storage
+    from mnist_opt.plots import write_plots
+    from mnist_opt.report import table
+    from mnist_opt.storage import load_existing, resolve_storage
 
-    study = report.load(cfg, resolve_storage(args.storage))
-    print(report.table(study, args.top))
+    study = load_existing(cfg.name, resolve_storage(args.storage))
+    print(table(study, args.top))
     folder = Path("reports") / cfg.name
-    skipped = report.write_plots(study, folder)
+    skipped = write_plots(study, folder)
     print(f"\nplots: {folder}/ ({', '.join(p.name for p in sorted(folder.glob('*.html')))})")
     for name, reason in skipped.items():
         print(f"  {name} not drawn: {reason}")

@@ -1,22 +1,9 @@
-"""``mnist-opt report``: the best trials of a study as a table, and its plots in ``reports/``."""
+"""``mnist-opt report``: the best trials of a study as a table (``plots`` draws the pictures)."""
 from __future__ import annotations
 
 import json
 
 import optuna
-
-from mnist_opt.config import StudyConfig
-from mnist_opt.errors import RetrainError
-from mnist_opt.plots import write_plots  # noqa: F401  (the CLI writes them through here)
-from mnist_opt.storage import make_storage
-
-
-def load(cfg: StudyConfig, storage: str) -> optuna.Study:
-    try:
-        return optuna.load_study(study_name=cfg.name, storage=make_storage(storage))
-    except KeyError:
-        raise RetrainError(f"no study {cfg.name!r} in {storage}; run `mnist-opt study {cfg.name}` "
-                           "first") from None
 
 
 def table(study: optuna.Study, top: int = 10) -> str:

@@ -1,6 +1,7 @@
 """Retrain the best trial on train+validation, evaluate it on the held-out test set, register it."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from mnist_opt.config import StudyConfig
 from mnist_opt.errors import RetrainError
 from mnist_opt.models import build_model
 from mnist_opt.space import suggest_params
-from mnist_opt.storage import make_storage, resolve_storage
+from mnist_opt.storage import load_existing, resolve_storage
 from mnist_opt.training import evaluate, train
 
 
@@ -36,11 +37,7 @@ class RetrainResult:
 
 
 def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
-    try:
-        study = optuna.load_study(study_name=cfg.name, storage=make_storage(storage))
-    except KeyError:
-        raise RetrainError(f"no study {cfg.name!r} in {storage}; run `mnist-opt study {cfg.name}` "
-                           "first") from None
+    study = load_existing(cfg.name, storage)
     try:
         return study.best_trial
     except ValueError:
@@ -85,14 +82,14 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
         mlflow.log_params({**params, "epochs": epochs, "n_train": len(y), "seeds": seeds})
         results, info = [], None
         for seed in all_seeds:
-            label = "retrain" if seeds == 1 else f"seed {seed}"
-            if seeds == 1:
-                model, scores = _train_and_test(params, train_xy, ds, epochs, seed, label, verbose)
-            else:
-                with mlflow.start_run(experiment_id=exp, run_name=f"seed-{seed}", nested=True,
-                                      tags={"mnist_opt.kind": "retrain-seed", "seed": str(seed)}):
-                    model, scores = _train_and_test(params, train_xy, ds, epochs, seed, label,
-                                                    verbose)
+            # one seed logs to the retrain run itself; several get a nested run each
+            nested = seeds > 1
+            with (mlflow.start_run(experiment_id=exp, run_name=f"seed-{seed}", nested=True,
+                                   tags={"mnist_opt.kind": "retrain-seed", "seed": str(seed)})
+                  if nested else contextlib.nullcontext()):
+                model, scores = _train_and_test(params, train_xy, ds, epochs, seed,
+                                                f"seed {seed}" if nested else "retrain", verbose)
+                if nested:
                     mlflow.log_metrics({"test_loss": scores["loss"],
                                         "test_accuracy": scores["accuracy"]})
             results.append(scores)

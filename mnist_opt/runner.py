@@ -106,9 +106,10 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
                 trial.set_user_attr("val_accuracy", float(history.history["val_accuracy"][-1]))
                 return float(history.history[cfg.search.metric][-1])
             finally:  # the memory figure of `make bench`, and a leak shows in the MLflow UI
-                trial.set_user_attr("rss_mb", rss_mb())
+                rss = rss_mb()
+                trial.set_user_attr("rss_mb", rss)
                 trial.set_user_attr("pid", os.getpid())
-                mlflow.log_metric("rss_mb", rss_mb())
+                mlflow.log_metric("rss_mb", rss)
 
     return objective
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import optuna
 
 from mnist_opt.config import studies_dir
-from mnist_opt.errors import StorageError
+from mnist_opt.errors import RetrainError, StorageError
 
 MAX_RETRY = 2  # a trial that keeps killing its worker is not retried forever
 
@@ -86,3 +86,12 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
         raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0]}") from exc
+
+
+def load_existing(name: str, storage: str) -> optuna.Study:
+    """The study ``name`` in ``storage``; a clear error (not a KeyError) when it is not there."""
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(storage))
+    except KeyError:
+        raise RetrainError(f"no study {name!r} in {storage}; run `mnist-opt study {name}` "
+                           "first") from None

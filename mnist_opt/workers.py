@@ -100,12 +100,12 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     study = optuna.load_study(study_name=cfg.name, storage=make_storage(storage),
                               sampler=make_sampler(cfg, seed_offset=index),
                               pruner=make_pruner(cfg))
-    split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                       cfg.search_subset)
     # A replacement process may start after the others reached the study's target.
     n_trials = min(n_trials, cfg.search.n_trials - n_finished(study))
     if n_trials <= 0:
         return
+    split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
+                       cfg.search_subset)
     tracking.configure()
     optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose, progress=False)
 
