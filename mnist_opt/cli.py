@@ -108,6 +108,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     else:
         print(f"test accuracy {res.test_accuracy:.4f}")
     print(f"best validation accuracy {res.val_accuracy:.4f}   test loss {res.test_loss:.4f}")
+    if res.baseline_accuracy is not None:
+        print(f"baseline ({cfg.baseline.description}): test accuracy {res.baseline_accuracy:.4f} "
+              f"→ tuned {res.test_accuracy:.4f}, "
+              f"{100 * (res.test_accuracy - res.baseline_accuracy):+.2f} points")
+    ev = res.evaluation
+    print(f"test set: macro F1 {ev['test_macro_f1']:.4f}, {ev['test_errors']} errors, weakest "
+          f"class {ev['weakest_class']} (F1 {ev['weakest_f1']:.4f}); confusion matrix, per-class "
+          f"report and misclassified images in {res.report_dir}/ and the MLflow run's evaluation/")
     print(f"MLflow run {res.run_id}; registered model {cfg.name} version {res.model_version} "
           f"(models:/{cfg.name}/{res.model_version})")
     return 0

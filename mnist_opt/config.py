@@ -8,6 +8,7 @@ field and what is allowed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -128,6 +129,17 @@ class Reference(_Strict):
     source: str
 
 
+class Baseline(_Strict):
+    """A fixed, well-known configuration that ``retrain`` also trains, so the gain is shown.
+
+    ``params`` uses the study file's parameter names with fixed values only; anything left
+    out takes mnist_opt's default (``space.DEFAULTS``), not the study's search range.
+    """
+    description: str
+    params: dict[str, Union[Scalar, list[Scalar]]] = {}
+    epochs: Optional[int] = Field(None, ge=1)  # default: the tuned model's retrain epochs
+
+
 class StudyConfig(_Strict):
     name: str
     description: str = ""
@@ -138,6 +150,7 @@ class StudyConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     space: dict[str, SpaceEntry]
     reference: Optional[Reference] = None
+    baseline: Optional[Baseline] = None
     path: Optional[Path] = None
     digest: str = ""
 
@@ -154,6 +167,13 @@ class StudyConfig(_Strict):
             if isinstance(spec, list) and key not in PER_LAYER:
                 raise ValueError(f"{key!r} cannot be a per-layer list; only {sorted(PER_LAYER)} can")
         return space
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_params(cls, baseline: Optional[Baseline], info) -> Optional[Baseline]:
+        if baseline is not None and "space" in info.data:
+            cls._known_params(baseline.params, info)
+        return baseline
 
     @model_validator(mode="after")
     def _grid_needs_values(self) -> "StudyConfig":
@@ -185,7 +205,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     if loc and loc[0] == "space":
         return sorted(Choice.model_fields if "choice" in loc else set(Range.model_fields) - {"is_int"})
     section = {"data": DataConfig, "search": SearchConfig, "training": TrainingConfig,
-               "reference": Reference}
+               "reference": Reference, "baseline": Baseline}
     model = section.get(loc[0]) if len(loc) == 2 else StudyConfig
     return sorted(set(model.model_fields) - {"name", "path", "digest"}) if model else []
 
@@ -207,6 +227,17 @@ def _format_errors(path: Path | str, err: ValidationError) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
+# Sections that do not change what a search does: editing them keeps the study's digest.
+NOT_SEARCH = ("description", "reference", "baseline")
+
+
+def search_digest(doc: dict) -> str:
+    """A short hash of the parts of a study file that shape the search (not comments or
+    the baseline), so a study continued after such an edit is not called a changed one."""
+    search = {str(k): v for k, v in doc.items() if k not in NOT_SEARCH}
+    return hashlib.sha256(json.dumps(search, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def load_config(path: Path | str) -> StudyConfig:
     """Parse and validate one study file; the study's name is the file's name."""
     path = Path(path)
@@ -225,7 +256,7 @@ def load_config(path: Path | str) -> StudyConfig:
     try:
         # model_validate, not StudyConfig(**doc): YAML keys need not be strings ("?" is {None: None})
         return StudyConfig.model_validate({**doc, "name": path.stem, "path": path.resolve(),
-                                           "digest": hashlib.sha256(text.encode()).hexdigest()[:16]})
+                                           "digest": search_digest(doc)})
     except ValidationError as err:
         raise StudyFileError(_format_errors(path, err)) from None
 
@@ -265,6 +296,8 @@ def with_overrides(cfg: StudyConfig, n_trials: int | None = None, timeout: int |
     for (section, key), value in updates.items():
         if value is not None:
             doc[section][key] = value
+    if max_epochs is not None and doc.get("baseline") and doc["baseline"].get("epochs"):
+        doc["baseline"]["epochs"] = max_epochs
     try:  # validated like the file itself: an override cannot slip past a bound
         return StudyConfig.model_validate(doc)
     except ValidationError as err:

@@ -50,6 +50,7 @@ def study_row(client: MlflowClient, cfg: StudyConfig) -> dict | None:
         "val": best.data.metrics.get("best_val_accuracy", float("nan")),
         "test": best.data.metrics["test_accuracy"],
         "std": best.data.metrics.get("test_accuracy_std", 0.0),
+        "baseline": best.data.metrics.get("baseline_test_accuracy"),
         "reference": cfg.reference.test_accuracy if cfg.reference else None,
         "source": cfg.reference.source if cfg.reference else "",
     }
@@ -64,8 +65,8 @@ def collect(names: list[str] | None = None) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| study | data / model | sampler + pruner | trials (complete/pruned) | search | "
-            "retrain | best val | **test** (mean ± std) | published | beaten |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "retrain | best val | baseline (1 seed) | **test** (mean ± std) | published | beaten |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         ref = f"{r['reference']:.1%} ({r['source']})" if r["reference"] else "—"
@@ -77,6 +78,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['complete'] + r['pruned']} ({r['complete']}/{r['pruned']}) | "
             f"{r['search_s'] / 60:.1f} min | {r['seeds']}× {r['epochs']} ep, "
             f"{r['retrain_s'] / 60:.1f} min | {r['val']:.4f} | "
+            f"{'—' if r['baseline'] is None else format(r['baseline'], '.2%')} | "
             f"{test} | {ref} | {beaten} |")
     return head + "\n".join(lines) + "\n"
 

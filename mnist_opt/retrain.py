@@ -10,12 +10,14 @@ import mlflow
 import numpy as np
 import optuna
 
-from mnist_opt import data, tracking
+from pathlib import Path
+
+from mnist_opt import data, evaluation, tracking
 from mnist_opt.callbacks import TrialCallback
 from mnist_opt.config import StudyConfig
 from mnist_opt.errors import RetrainError
 from mnist_opt.models import build_model
-from mnist_opt.space import suggest_params
+from mnist_opt.space import baseline_params, suggest_params
 from mnist_opt.storage import load_existing, resolve_storage
 from mnist_opt.training import evaluate, train
 
@@ -30,6 +32,9 @@ class RetrainResult:
     model_uri: str
     model_version: str | None
     test_accuracies: list[float] = field(default_factory=list)  # one per seed
+    evaluation: dict = field(default_factory=dict)  # macro F1, errors, weakest class
+    report_dir: Path | None = None
+    baseline_accuracy: float | None = None
 
     @property
     def test_std(self) -> float:
@@ -95,12 +100,45 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
             results.append(scores)
             if info is None:  # register the first seed's model, chosen before any test score
                 info = tracking.log_model(model, registered_name=cfg.name)
+                folder = Path("reports") / cfg.name / "evaluation"
+                summary = _log_evaluation(model, ds, folder, f"{cfg.name} trial {best.number}, seed {seed}")
             del model
         accs = [r["accuracy"] for r in results]
         result = RetrainResult(best.number, val_accuracy, statistics.fmean(accs),
                                statistics.fmean(r["loss"] for r in results), run.info.run_id,
                                info.model_uri, str(info.registered_model_version)
-                               if info.registered_model_version else None, accs)
+                               if info.registered_model_version else None, accs, summary, folder)
         mlflow.log_metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
                             "test_accuracy_std": result.test_std, "best_val_accuracy": val_accuracy})
+        if cfg.baseline is not None:
+            result.baseline_accuracy = _baseline(cfg, train_xy, ds, exp, all_seeds[0], verbose)
+            mlflow.log_metrics({"baseline_test_accuracy": result.baseline_accuracy,
+                                "gain_over_baseline": result.test_accuracy - result.baseline_accuracy})
     return result
+
+
+def _log_evaluation(model, ds: data.Dataset, folder: Path, title: str) -> dict:
+    """Confusion matrix, per-class report and misclassified grid: to ``folder`` and MLflow."""
+    x_test = data.to_float(ds.x_test)
+    ev = evaluation.Evaluation(ds.y_test.astype("int64"), evaluation.predict_probs(model, x_test),
+                               ds.class_names)
+    summary = evaluation.write_evaluation(ev, x_test, folder, title)
+    mlflow.log_artifacts(str(folder), "evaluation")
+    mlflow.log_metrics({k: v for k, v in summary.items() if not isinstance(v, str)})
+    mlflow.set_tag("weakest_class", summary["weakest_class"])
+    return summary
+
+
+def _baseline(cfg: StudyConfig, train_xy: tuple[np.ndarray, np.ndarray], ds: data.Dataset,
+              exp: str, seed: int, verbose: bool) -> float:
+    """Train the study file's baseline on the same images (one seed) and test it, as a nested run."""
+    params = baseline_params(cfg)
+    epochs = cfg.baseline.epochs or cfg.retrain_epochs
+    with mlflow.start_run(experiment_id=exp, run_name="baseline", nested=True,
+                          tags={"mnist_opt.kind": "retrain-baseline", "seed": str(seed)},
+                          description=cfg.baseline.description):
+        mlflow.log_params({**params, "epochs": epochs, "description": cfg.baseline.description})
+        model, scores = _train_and_test(params, train_xy, ds, epochs, seed, "baseline", verbose)
+        mlflow.log_metrics({"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]})
+        del model
+    return scores["accuracy"]

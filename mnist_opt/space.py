@@ -91,3 +91,11 @@ def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
             if key != depth_key and key not in per_layer:
                 add(key, _spec(cfg, key, group))
     return grid
+
+
+def baseline_params(cfg: StudyConfig) -> dict[str, Any]:
+    """The study's baseline as a full params dict: its fixed values over :data:`DEFAULTS`."""
+    if cfg.baseline is None:
+        raise ValueError(f"study {cfg.name!r} names no baseline")
+    fixed = cfg.model_copy(update={"space": dict(cfg.baseline.params)})
+    return suggest_params(optuna.trial.FixedTrial({}), fixed)

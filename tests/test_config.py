@@ -81,7 +81,8 @@ def test_unknown_top_level_key(tmp_path: Path):
     doc["serach"] = doc.pop("search")
     msg = _error(_write(tmp_path, doc))
     assert "serach: unknown field" in msg
-    assert "allowed: data, dataset, description, model, reference, search, space, training" in msg
+    assert ("allowed: baseline, data, dataset, description, model, reference, search, space, "
+            "training") in msg
 
 
 def test_val_fraction_out_of_range(tmp_path: Path):
@@ -191,3 +192,28 @@ def test_search_subset_applies_to_trials_only(tmp_path):
     cfg = load_config(path)
     assert cfg.search_subset == 2000 and cfg.data.train_subset is None  # retrain: all images
     assert with_overrides(cfg, train_subset=1000).search_subset == 1000  # the smaller one
+
+
+def test_baseline_params_are_checked_like_the_space(tmp_path: Path):
+    doc = _with(baseline={"description": "tutorial", "params": {"units": 350, "layers": 2}})
+    msg = _error(_write(tmp_path, doc))
+    assert "baseline" in msg and "unknown parameter 'layers'" in msg and "n_layers" in msg
+    doc = _with(baseline={"description": "tutorial", "params": {"units": {"low": 1, "high": 2}}})
+    assert "baseline.params.units" in _error(_write(tmp_path, doc))  # fixed values only
+
+
+def test_baseline_builds_from_defaults_not_the_search_space(tmp_path: Path):
+    from mnist_opt.space import DEFAULTS, baseline_params
+
+    doc = _with(baseline={"description": "tutorial", "params": {"n_layers": 1, "units": 350}})
+    params = baseline_params(load_config(_write(tmp_path, doc)))
+    assert params["units_l0"] == 350 and params["n_layers"] == 1
+    assert params["learning_rate"] == DEFAULTS["training"]["learning_rate"]  # not a searched range
+
+
+def test_digest_ignores_what_does_not_change_the_search(tmp_path: Path):
+    base = load_config(_write(tmp_path, _with())).digest
+    documented = _with(description="new words", reference={"test_accuracy": 0.9, "source": "x"},
+                       baseline={"description": "tutorial", "params": {"units": 128}})
+    assert load_config(_write(tmp_path, documented)).digest == base
+    assert load_config(_write(tmp_path, _with(search={"n_trials": 6}))).digest != base

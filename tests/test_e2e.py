@@ -1,6 +1,7 @@
 """End to end: a real 3-trial study on 3,000 MNIST images, then retrain, against real stores."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from mnist_opt import data, results
 from mnist_opt.config import find_study, with_overrides
@@ -112,6 +114,36 @@ def test_retrain_logs_test_accuracy_and_registers_a_model(finished):
     assert (probs.argmax(axis=1) == ds.y_test[:200]).mean() > 0.5
 
 
+def test_retrain_logs_evaluation_pictures_and_the_baseline(finished):
+    """Confusion matrix, per-class report and misclassified grid as artifacts, and the study
+    file's baseline trained on the same images as a nested run, its accuracy beside ours."""
+    res, client = finished["retrain"], finished["client"]
+    run = client.get_run(res.run_id)
+    names = {Path(a.path).name for a in client.list_artifacts(res.run_id, "evaluation")}
+    assert {"confusion_matrix.png", "misclassified.png", "classification_report.json",
+            "classification_report.txt", "confusion_matrix.json"} <= names
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="evaluation",
+                                                      dst_path=str(finished["tmp"] / "dl")))
+    cm = np.array(json.loads((folder / "confusion_matrix.json").read_text())["rows_true_cols_predicted"])
+    assert cm.shape == (10, 10) and cm.sum() == 10_000
+    assert cm.sum(axis=1).tolist() == np.bincount(data.load("mnist").y_test).tolist()
+    assert np.trace(cm) / cm.sum() == pytest.approx(res.test_accuracy, abs=2e-4)
+    assert run.data.metrics["test_errors"] == cm.sum() - np.trace(cm)
+    report = json.loads((folder / "classification_report.json").read_text())
+    assert [k for k in report if k.isdigit()] == [str(i) for i in range(10)]
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
+    for png in ("confusion_matrix.png", "misclassified.png"):
+        with Image.open(folder / png) as im:
+            assert im.format == "PNG" and min(im.size) > 300
+    baseline = client.search_runs([run.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{res.run_id}' and "
+                                  "tags.`mnist_opt.kind` = 'retrain-baseline'")
+    assert len(baseline) == 1 and baseline[0].data.params["units_l0"] == "128"
+    base_acc = baseline[0].data.metrics["test_accuracy"]
+    assert res.baseline_accuracy == pytest.approx(base_acc) and 0.5 < base_acc <= 1
+    assert run.data.metrics["gain_over_baseline"] == pytest.approx(res.test_accuracy - base_acc)
+
+
 def test_retrain_with_seeds_reports_mean_and_std_of_nested_runs(finished):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(finished["tmp"])
@@ -121,7 +153,8 @@ def test_retrain_with_seeds_reports_mean_and_std_of_nested_runs(finished):
     client = finished["client"]
     parent = client.get_run(res.run_id)
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{res.run_id}'")
+                                  f"tags.`mlflow.parentRunId` = '{res.run_id}' and "
+                                  "tags.`mnist_opt.kind` = 'retrain-seed'")
     assert sorted(r.data.tags["seed"] for r in children) == ["48", "49"]
     accs = sorted(r.data.metrics["test_accuracy"] for r in children)
     assert sorted(res.test_accuracies) == pytest.approx(accs)
