@@ -17,6 +17,7 @@ from mnist_opt import data, interrupt, tracking
 from mnist_opt.callbacks import TrialCallback
 from mnist_opt.config import StudyConfig
 from mnist_opt.models import build_model
+from mnist_opt.progress import StudyProgress
 from mnist_opt.space import grid_space, suggest_params
 from mnist_opt.storage import make_storage, resolve_storage
 from mnist_opt.training import train
@@ -80,19 +81,23 @@ def rss_mb() -> float:
 
 
 def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.Run,
-                   verbose: bool = True):
-    """``objective(trial)``: suggest, build, train with the reporting callback, log the model."""
+                   verbose: bool = True, freeze: bool = False):
+    """``objective(trial)``: suggest, build, train with the reporting callback, log the model.
+
+    ``freeze`` (recycled worker processes): after each trial's collection, freeze what
+    survives, so the next collection scans one trial's objects, not every graph TensorFlow
+    leaked. A long-lived process must not: frozen objects that die later are never freed.
+    """
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_params(trial, cfg)
         with tracking.trial_run(trial, params, parent):
             try:
-                # A fresh graph and names, and the last trial's model collected. Then freeze what
-                # survives (live data, and graphs TensorFlow leaks): the next collection scans
-                # one trial's objects, not all of them (a full one grows with every leaked graph).
+                # A fresh graph and names, and the last trial's model collected.
                 keras.backend.clear_session(free_memory=False)
                 gc.collect()
-                gc.freeze()
+                if freeze:
+                    gc.freeze()
                 keras.utils.set_random_seed(cfg.search.seed + trial.number)
                 model = build_model(params)
                 trial.set_user_attr("n_params", model.count_params())
@@ -131,12 +136,11 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 
 def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
-             n_trials: int, verbose: bool, progress: bool, callbacks: Sequence = ()) -> None:
+             n_trials: int, verbose: bool, callbacks: Sequence = (), freeze: bool = False) -> None:
     """One worker's share: up to ``n_trials`` trials, stopping early once the study has its target."""
     study.optimize(
-        make_objective(cfg, split, parent, verbose), n_trials=n_trials,
+        make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
         timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
-        show_progress_bar=progress,
         callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
                    tracking.log_best_so_far(parent.info.run_id),
                    lambda study, trial: interrupt.check(), *callbacks])
@@ -169,6 +173,9 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
         return study
     tracking.close_orphans(study, experiment)
+    if done:
+        print(f"continuing study {cfg.name}: {done} finished trials in storage, {remaining} to go",
+              flush=True)
     extra = {"n_train": len(split.y_train), "n_val": len(split.y_val), "workers": workers,
              "sampler_class": type(study.sampler).__name__,
              "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials)}
@@ -177,14 +184,16 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     start = time.monotonic()
     with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
+        bar = StudyProgress(study, remaining, enabled=progress)
         try:
             if workers == 1:
-                optimize(cfg, study, split, parent, remaining, verbose, progress, callbacks)
+                optimize(cfg, study, split, parent, remaining, verbose, [*callbacks, bar.refresh])
             else:
                 from mnist_opt.workers import run_workers
 
-                run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose)
+                run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose, bar)
         finally:
+            bar.close()
             result = summary(study)
             mlflow.log_metric("wall_s", time.monotonic() - start)
             for key in ("complete", "pruned", "fail"):

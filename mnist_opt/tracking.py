@@ -6,6 +6,7 @@ so per-epoch curves stream in, and closed with the status that matches the trial
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -41,6 +42,8 @@ def configure() -> str:
                                 f"{exc.strerror}; fix it or set MLFLOW_TRACKING_URI") from exc
         uri = f"sqlite:///{DEFAULT_DIR.resolve() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    # "Creating initial MLflow database tables..." on every new store tells a user nothing
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return uri
 
 

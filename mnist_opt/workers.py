@@ -15,8 +15,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist_opt import interrupt
+
+if TYPE_CHECKING:
+    from mnist_opt.progress import StudyProgress
 
 
 def quotas(remaining: int, workers: int) -> list[int]:
@@ -25,7 +29,7 @@ def quotas(remaining: int, workers: int) -> list[int]:
 
 
 def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: int,
-                verbose: bool) -> None:
+                verbose: bool, progress: StudyProgress | None = None) -> None:
     """Keep ``workers`` processes busy until each slot has run its share of trials.
 
     A slot's process is replaced after ``cfg.search.trials_per_worker`` trials (TensorFlow
@@ -56,13 +60,18 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
         for slot in range(workers):
             if shares[slot]:
                 spawn(slot)
-        print(f"{sum(p is not None for p in procs)} workers started "
-              f"(pids {', '.join(str(p.pid) for p in procs if p)}), {threads} thread(s) each, "
-              f"each replaced after {cfg.search.trials_per_worker} trials", flush=True)
+        (progress.write if progress else print)(
+            f"{sum(p is not None for p in procs)} workers started "
+            f"(pids {', '.join(str(p.pid) for p in procs if p)}), {threads} thread(s) each, "
+            f"each replaced after {cfg.search.trials_per_worker} trials")
+        polls = 0
         try:
             while any(p is not None for p in procs):
                 interrupt.check()
                 time.sleep(0.5)
+                polls += 1
+                if progress and polls % 2 == 0:  # the storage, once a second
+                    progress.refresh()
                 for slot, proc in enumerate(procs):
                     if proc is None or proc.poll() is None:
                         continue
@@ -107,7 +116,8 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
                        cfg.search_subset)
     tracking.configure()
-    optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose, progress=False)
+    # a short-lived process: freezing after each trial's collection is safe and cheap here
+    optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose, freeze=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     interrupt.install()
+    import optuna
+
+    # the parent draws the progress bar; a worker's own trial lines only when asked for
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     from mnist_opt.quiet import import_tensorflow
 
     tf = import_tensorflow()

@@ -30,7 +30,7 @@ def _study_file(tmp_path: Path, name: str, n_trials: int, **search) -> Path:
 
 
 def _study(path: Path, cwd: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", *extra],
+    return subprocess.Popen([sys.executable, "-m", "mnist_opt", "study", str(path), *extra],
                             cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -52,10 +52,14 @@ def _check_consistent(storage: str, name: str, tracking: str) -> list[optuna.tri
 def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
     path = _study_file(tmp_path, "pg_parallel", n_trials=8, trials_per_worker=3)
     env = {"OPTUNA_STORAGE": postgres["optuna"], "MLFLOW_TRACKING_URI": postgres["mlflow"]}
-    proc = _study(path, tmp_path, env, "--workers", "2")
+    proc = _study(path, tmp_path, env, "--workers", "2")  # with the progress bar
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-4000:]
     assert "2 workers started" in out and "replaced after 3 trials" in out
+    # one bar across both workers' trials, read from the storage; no per-trial log lines
+    final = out.replace("\r", "\n").split("pg_parallel: 100%")[-1].splitlines()[0]
+    assert "8/8" in final and "best=0." in final and "running=0" in final
+    assert "finished with value" not in out and "Trial 3 pruned" not in out
     trials = _check_consistent(postgres["optuna"], "pg_parallel", postgres["mlflow"])
     assert len(trials) == 8
     # shares of 4 and 4, each run as 3 + 1 by a fresh process: four processes in all
@@ -75,7 +79,7 @@ def test_two_shells_on_a_fresh_sqlite_file(tmp_path):
     path = _study_file(tmp_path, "two_shells", n_trials=6)
     env = {"OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    procs = [_study(path, tmp_path, env) for _ in range(2)]
+    procs = [_study(path, tmp_path, env, "-q") for _ in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for proc, out in zip(procs, outs):
         assert proc.returncode == 0, out[-4000:]
