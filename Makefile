@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg study retrain report results list test bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results list test bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -40,6 +40,10 @@ pg:  ## install Debian's PostgreSQL server (the tests start a throw-away one on 
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql >/dev/null; }
 
+browser:  ## install Debian's chromium + chromium-driver for the browser test (tests/test_browser.py)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; }
+
 study: install  ## run or continue a study: make study NAME=mlp_tpe [WORKERS=2] [ARGS="--n-trials 5"]
 	$(BIN)/mnist-opt study $(NAME) --workers $(WORKERS) $(ARGS)
 
@@ -55,7 +59,7 @@ results: install  ## write the README results table from the MLflow runs of stud
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list
 
-test: install pg  ## run the test suite (real training on small subsets, real PostgreSQL)
+test: install pg browser  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
