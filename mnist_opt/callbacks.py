@@ -22,10 +22,12 @@ class TrialCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, trial: optuna.Trial | None = None, monitor: str = "val_accuracy",
-                 epochs: int | None = None, label: str = "", verbose: bool = True):
+                 epochs: int | None = None, label: str = "", verbose: bool = True,
+                 report: bool = True):
         super().__init__()
         self.trial, self.monitor, self.epochs = trial, monitor, epochs
         self.label, self.verbose = label, verbose
+        self.report = report  # False in two-objective studies: Optuna cannot prune those
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         interrupt.watch(self.model)
@@ -51,6 +53,8 @@ class TrialCallback(keras.callbacks.Callback):
             reason = f"non-finite loss at epoch {step}"
             self.trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
+        if not self.report:
+            return
         self.trial.report(float(logs[self.monitor]), step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned by the pruner at epoch {step}")

@@ -65,6 +65,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     from mnist_opt.storage import resolve_storage
 
     storage = resolve_storage(args.storage)
+    import optuna
+
+    # the progress bar carries the best value; Optuna's per-trial lines only with -v
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
           f"pruner {cfg.search.pruner}, target {cfg.search.n_trials} trials × "
           f"≤{cfg.training.max_epochs} epochs, storage {storage}", flush=True)
@@ -77,20 +81,38 @@ def cmd_study(args: argparse.Namespace) -> int:
         import optuna
 
         study = optuna.load_study(study_name=cfg.name, storage=storage)
-    _print_summary(cfg, runner.summary(study), interrupted)
+    _print_summary(cfg, runner.summary(study, cfg.search.pick_tolerance), interrupted, storage)
     return 130 if interrupted else 0
 
 
-def _print_summary(cfg, result: dict, interrupted: bool) -> None:
+def _print_summary(cfg, result: dict, interrupted: bool, storage: str) -> None:
     head = "interrupted; " if interrupted else ""
     print(f"\n{head}study {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
           f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished)")
-    if "best_value" in result:
+    second = cfg.search.second_objective
+    if "pareto" in result:
+        from mnist_opt.objectives import rule
+
+        print(f"Pareto front ({cfg.search.metric} vs {second}): trials "
+              f"{', '.join(map(str, result['pareto']))}")
+        print(f"picked trial {result['best_trial']}: {cfg.search.metric} "
+              f"{result['best_value']:.4f}, {second} {result['best_values'][1]:.6g} — "
+              f"{rule(cfg.search.metric, second, cfg.search.pick_tolerance)}")
+        print(f"its params: {json.dumps(result['best_params'])}")
+    elif "best_value" in result:
         print(f"best trial {result['best_trial']}: {cfg.search.metric} {result['best_value']:.4f}")
         print(f"best params: {json.dumps(result['best_params'])}")
     if interrupted:
         print(f"run the same command again to continue: make study NAME={cfg.name}")
-    print(f"next: make retrain NAME={cfg.name}   browse: make dashboard / make mlflow-ui")
+    import mlflow
+
+    print(f"where to look:\n"
+          f"  trials, live:  make dashboard   (optuna-dashboard {storage}) → http://127.0.0.1:8080\n"
+          f"  MLflow runs:   make mlflow-ui   (experiment {cfg.name}, tracking "
+          f"{mlflow.get_tracking_uri()}) → http://127.0.0.1:5000\n"
+          f"  plots, table:  mnist-opt report {cfg.name}   (also the study run's plots/ in MLflow)\n"
+          f"next: make retrain NAME={cfg.name} SEEDS=3   (tests the best trial, registers model "
+          f"'{cfg.name}')")
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -131,9 +153,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mnist_opt.storage import load_existing, resolve_storage
 
     study = load_existing(cfg.name, resolve_storage(args.storage))
-    print(table(study, args.top))
+    print(table(study, args.top, cfg.search.pick_tolerance))
     folder = Path("reports") / cfg.name
-    skipped = write_plots(study, folder)
+    skipped = write_plots(study, folder, target_names=cfg.objective_names)
     print(f"\nplots: {folder}/ ({', '.join(p.name for p in sorted(folder.glob('*.html')))})")
     for name, reason in skipped.items():
         print(f"  {name} not drawn: {reason}")
@@ -159,9 +181,56 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with a model: the class name and the top-3 probabilities."""
+    from mnist_opt.predict import predict
+
+    for result in predict(args.model, args.images, args.dataset):
+        print(result.line())
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    """Learning-rate range test: loss vs an exponentially rising LR (plot in reports/NAME/),
+    a suggested learning_rate range, written into the study file with --apply."""
+    cfg = _config(args)
+    from mnist_opt import lrfind
+    from mnist_opt.storage import resolve_storage
+
+    storage = resolve_storage(args.storage)
+    try:
+        res = lrfind.run(cfg, storage, args.min_lr, args.max_lr, args.steps, args.apply)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing logged, study file unchanged", file=sys.stderr)
+        return 130
+    sug, curve = res.suggestion, res.curve
+    end = f"diverged at {curve.lrs[-1]:.1e}" if curve.diverged else f"ended at {curve.lrs[-1]:.1e}"
+    print(f"{len(curve.lrs)} batches: steepest descent at lr {sug.lr_steep:.1e}, lowest smoothed "
+          f"loss at {sug.lr_min_loss:.1e}, {end}")
+    for note in sug.notes:
+        print(f"note: {note}")
+    print(f"suggested learning_rate range: [{sug.low:.1e}, {sug.high:.1e}] (rule: {lrfind.RULE})")
+    print(f"plot: {res.plot}; MLflow run {res.run_id}")
+    if res.applied:
+        print(f"applied to {cfg.path}:")
+        print("\n".join([f"- {line}" for line in res.applied[0]]
+                        + [f"+ {line}" for line in res.applied[1]]))
+        if res.study_trials:
+            trials = f"{res.study_trials} trial{'s' * (res.study_trials != 1)}"
+            print(f"note: study {cfg.name} already has {trials} in {storage}; "
+                  "the edited file has a new digest, so continuing it mixes trials of both ranges "
+                  "(`mnist-opt study` warns). To start afresh, copy the file under a new name.")
+        return 0
+    spec = cfg.space.get("learning_rate")
+    if isinstance(spec, lrfind.Range):
+        print(f"study file's range now: [{spec.low:.1e}, {spec.high:.1e}]; "
+              f"apply it: mnist-opt lr-find {args.name} --apply")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list, "study": cmd_study, "retrain": cmd_retrain, "report": cmd_report,
-    "results": cmd_results}
+    "results": cmd_results, "predict": cmd_predict, "lr-find": cmd_lr_find}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("names", nargs="*", metavar="NAME", help="studies (default: all)")
             p.add_argument("--update", metavar="FILE",
                            help="write the table between the results markers of FILE (README.md)")
+        elif name == "predict":
+            p.add_argument("--model", required=True, metavar="URI",
+                           help="MLflow model URI, e.g. models:/mlp_tpe/latest (from `retrain`)")
+            p.add_argument("images", nargs="+", metavar="IMAGE",
+                           help="image files: 28×28 MNIST-style or any size/colour (converted)")
+            p.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
+                           help="class names and conversion (default: the model's study)")
         else:
             p.add_argument("name", help="study name (a file studies/NAME.yaml) or a path to one")
             _overrides(p)
@@ -188,13 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "study":
             p.add_argument("-w", "--workers", type=int, default=1,
                            help="parallel worker processes sharing the study (default 1)")
+        if name == "lr-find":
+            p.add_argument("--apply", action="store_true",
+                           help="write the suggested range into the study file's learning_rate")
+            p.add_argument("--min-lr", type=float, default=1e-6, help="first LR (default 1e-6)")
+            p.add_argument("--max-lr", type=float, default=10.0, help="last LR (default 10)")
+            p.add_argument("--steps", type=int, default=300,
+                           help="batches, at most one epoch (default 300)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt.install()
-    if args.command in ("study", "retrain", "results"):  # results: MLflow's keras flavour
+    if args.command in ("study", "retrain", "results", "predict", "lr-find"):  # results: via MLflow's keras
         from mnist_opt.quiet import import_tensorflow
 
         import_tensorflow()

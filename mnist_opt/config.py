@@ -101,7 +101,7 @@ class DataConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    sampler: Literal["tpe", "gp", "random", "grid", "qmc"] = "tpe"
+    sampler: Literal["tpe", "gp", "random", "grid", "qmc", "nsga2"] = "tpe"
     n_startup_trials: int = Field(10, ge=0)
     pruner: Literal["hyperband", "median", "none"] = "hyperband"
     min_resource: int = Field(1, ge=1)
@@ -116,6 +116,10 @@ class SearchConfig(_Strict):
     # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
     # process is the one cure that works.
     trials_per_worker: int = Field(6, ge=1)
+    # A second objective, minimised beside `metric`: the study keeps a Pareto front, and
+    # retrain picks the smallest/fastest model within pick_tolerance of the best accuracy.
+    second_objective: Optional[Literal["n_params", "latency_ms"]] = None
+    pick_tolerance: float = Field(0.005, ge=0, le=1)
 
 
 class TrainingConfig(_Strict):
@@ -174,6 +178,24 @@ class StudyConfig(_Strict):
         if baseline is not None and "space" in info.data:
             cls._known_params(baseline.params, info)
         return baseline
+
+    @model_validator(mode="after")
+    def _two_objectives_need_no_pruner(self) -> "StudyConfig":
+        if self.search.second_objective and self.search.pruner != "none":
+            raise ValueError(f"search.pruner: Optuna's pruners work with one objective only; "
+                             f"set 'pruner: none' for second_objective "
+                             f"{self.search.second_objective!r} (got {self.search.pruner!r})")
+        return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [self.search.metric, *([self.search.second_objective] if self.search.second_objective
+                                       else [])]
+
+    @property
+    def directions(self) -> list[str]:
+        second = ["minimize"] if self.search.second_objective else []
+        return [self.search.direction, *second]
 
     @model_validator(mode="after")
     def _grid_needs_values(self) -> "StudyConfig":

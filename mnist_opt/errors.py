@@ -23,3 +23,7 @@ class StorageError(MnistOptError):
 
 class TrackingError(MnistOptError):
     """The MLflow tracking store cannot be opened or written."""
+
+
+class PredictError(MnistOptError):
+    """An image that cannot be read or holds no digit, or a model URI that cannot be loaded."""

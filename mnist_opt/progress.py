@@ -9,12 +9,15 @@ from __future__ import annotations
 import optuna
 from tqdm import tqdm
 
+from mnist_opt.objectives import is_multi, pick
+
 State = optuna.trial.TrialState
 
 
 class StudyProgress:
-    def __init__(self, study: optuna.Study, total: int, enabled: bool = True):
-        self.study, self.total = study, total
+    def __init__(self, study: optuna.Study, total: int, enabled: bool = True,
+                 tolerance: float = 0.005):
+        self.study, self.total, self.tolerance = study, total, tolerance
         self.before = self._finished(study.get_trials(deepcopy=False))
         self.bar = tqdm(total=total, desc=study.study_name, unit="trial", disable=not enabled,
                         dynamic_ncols=True, leave=True)
@@ -32,8 +35,10 @@ class StudyProgress:
         states = [t.state for t in trials]
         post = {"running": states.count(State.RUNNING), "pruned": states.count(State.PRUNED)}
         if State.COMPLETE in states:
-            best = self.study.best_trial
-            post = {"best": f"{best.value:.4f} (#{best.number})", **post}
+            best = pick(self.study, self.tolerance)
+            post = {"best": f"{best.values[0]:.4f} (#{best.number})", **post}
+            if is_multi(self.study):
+                post["front"] = len(self.study.best_trials)
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
 

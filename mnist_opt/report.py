@@ -5,32 +5,54 @@ import json
 
 import optuna
 
+from mnist_opt.objectives import first_value, is_multi, pick
 
-def table(study: optuna.Study, top: int = 10) -> str:
-    """Finished trials, best first (then pruned by their last reported value), as text."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
 
-    def score(t: optuna.trial.FrozenTrial) -> float:
-        value = t.value if t.value is not None else (
-            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        if value is None:
-            return float("inf")
-        return -value if maximize else value
+def _score(study: optuna.Study):
+    """Sort key: completed first, then by the (first) objective, best first; pruned trials
+    by their last reported value."""
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
 
+    def score(t: optuna.trial.FrozenTrial) -> tuple:
+        value = first_value(t)
+        if value is None and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        rank = float("inf") if value is None else (-value if maximize else value)
+        return (t.state != optuna.trial.TrialState.COMPLETE, rank)
+
+    return score
+
+
+def table(study: optuna.Study, top: int = 10, tolerance: float = 0.005) -> str:
+    """Finished trials, best first, as text. With two objectives both values are shown,
+    Pareto-front trials are marked ``*`` and the one retrain would pick ``>``."""
+    multi = is_multi(study)
+    front = {t.number for t in study.best_trials} if multi else set()
+    try:
+        picked = pick(study, tolerance).number
+    except ValueError:
+        picked = None
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
-                    key=lambda t: (t.state != optuna.trial.TrialState.COMPLETE, score(t)))
-    lines = [f"{'#':>4}  {'state':8}  {'value':>7}  {'epochs':>6}  {'seconds':>7}  params"]
+                    key=_score(study))
+    width = 18 if multi else 7
+    lines = [f"  {'#':>4}  {'state':8}  {'value' + ('s' if multi else ''):>{width}}  "
+             f"{'epochs':>6}  {'seconds':>7}  params"]
     for t in trials[:top]:
-        value = f"{t.value:.4f}" if t.value is not None else "-"
+        value = " / ".join([f"{t.values[0]:.4f}", *(f"{v:.4g}" for v in t.values[1:])]
+                           ) if t.values else "-"
+        mark = ">" if t.number == picked else ("*" if t.number in front else " ")
         seconds = t.duration.total_seconds() if t.duration else float("nan")
-        lines.append(f"{t.number:>4}  {t.state.name:8}  {value:>7}  "
-                     f"{len(t.intermediate_values):>6}  {seconds:>7.1f}  "
+        lines.append(f"{mark} {t.number:>4}  {t.state.name:8}  {value:>{width}}  "
+                     f"{t.user_attrs.get('epochs', len(t.intermediate_values)):>6}  {seconds:>7.1f}  "
                      f"{json.dumps(_short(t.params))}")
     counts = {s.name: 0 for s in optuna.trial.TrialState}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] += 1
     lines.append(f"{len(study.trials)} trials: " + ", ".join(
         f"{n} {name.lower()}" for name, n in counts.items() if n))
+    if multi:
+        lines.append(f"Pareto front (*): trials {', '.join(map(str, sorted(front)))}; "
+                     f"> marks the trial retrain picks")
     return "\n".join(lines)
 
 

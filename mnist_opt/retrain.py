@@ -16,6 +16,8 @@ from mnist_opt import data, evaluation, tracking
 from mnist_opt.callbacks import TrialCallback
 from mnist_opt.config import StudyConfig
 from mnist_opt.errors import RetrainError
+from mnist_opt import objectives
+from mnist_opt.objectives import pick
 from mnist_opt.models import build_model
 from mnist_opt.space import baseline_params, suggest_params
 from mnist_opt.storage import load_existing, resolve_storage
@@ -44,7 +46,7 @@ class RetrainResult:
 def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
     study = load_existing(cfg.name, storage)
     try:
-        return study.best_trial
+        return pick(study, cfg.search.pick_tolerance)
     except ValueError:
         raise RetrainError(f"study {cfg.name!r} has no completed trial yet; run more trials "
                            f"with `mnist-opt study {cfg.name}`") from None
@@ -72,7 +74,7 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
     """
     storage = resolve_storage(storage)
     best = best_trial(cfg, storage)
-    val_accuracy = float(best.user_attrs.get("val_accuracy", best.value))
+    val_accuracy = float(best.user_attrs.get("val_accuracy", best.values[0]))
     params = suggest_params(optuna.trial.FixedTrial(best.params), cfg)
     ds = data.load(cfg.dataset)
     x, y = data.stratified_subset(ds.x_train, ds.y_train, cfg.data.train_subset, cfg.data.seed)
@@ -81,6 +83,10 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
     tags = {"mnist_opt.kind": "retrain", "source_trial": str(best.number),
             "source_run_id": best.user_attrs.get("mlflow_run_id", ""),
             "optuna.study_name": cfg.name, "optuna.storage": storage}
+    if cfg.search.second_objective:  # which trial of the Pareto front, and why
+        tags["pick_rule"] = objectives.rule(cfg.search.metric, cfg.search.second_objective,
+                                            cfg.search.pick_tolerance)
+        tags[f"source_{cfg.search.second_objective}"] = f"{best.values[1]:.6g}"
     epochs = cfg.retrain_epochs
     all_seeds = [cfg.search.seed + i for i in range(seeds)]
     with mlflow.start_run(experiment_id=exp, run_name=f"retrain-trial-{best.number}", tags=tags) as run:

@@ -13,7 +13,7 @@ import keras
 import mlflow
 import optuna
 
-from mnist_opt import data, interrupt, tracking
+from mnist_opt import data, interrupt, objectives, tracking
 from mnist_opt.callbacks import TrialCallback
 from mnist_opt.config import StudyConfig
 from mnist_opt.models import build_model
@@ -32,6 +32,8 @@ def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.Base
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "nsga2":  # the study file's n_startup_trials is its population size
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, s.n_startup_trials))
     if s.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
@@ -59,7 +61,7 @@ def open_study(cfg: StudyConfig, storage: str) -> optuna.Study:
     """Create the study, or continue it (``load_if_exists``); warn when the study file changed."""
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg),
-        direction=cfg.search.direction, load_if_exists=True)
+        directions=cfg.directions, load_if_exists=True)
     old = study.user_attrs.get("config_digest")
     if old and old != cfg.digest:
         optuna.logging.get_logger("mnist_opt").warning(
@@ -89,7 +91,9 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
     leaked. A long-lived process must not: frozen objects that die later are never freed.
     """
 
-    def objective(trial: optuna.Trial) -> float:
+    second = cfg.search.second_objective
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         params = suggest_params(trial, cfg)
         with tracking.trial_run(trial, params, parent):
             try:
@@ -103,13 +107,21 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
                 trial.set_user_attr("n_params", model.count_params())
                 mlflow.log_param("n_params", model.count_params())
                 callback = TrialCallback(trial, cfg.search.metric, cfg.training.max_epochs,
-                                         label=f"trial {trial.number}", verbose=verbose)
+                                         label=f"trial {trial.number}", verbose=verbose,
+                                         report=second is None)  # no pruning with two
                 history = train(model, params, (split.x_train, split.y_train),
                                 (split.x_val, split.y_val), cfg.training.max_epochs, [callback],
                                 seed=cfg.search.seed + trial.number)
                 tracking.log_model(model)
                 trial.set_user_attr("val_accuracy", float(history.history["val_accuracy"][-1]))
-                return float(history.history[cfg.search.metric][-1])
+                trial.set_user_attr("epochs", len(history.epoch))
+                value = float(history.history[cfg.search.metric][-1])
+                if second is None:
+                    return value
+                cost = (float(model.count_params()) if second == "n_params"
+                        else objectives.latency_ms(model))
+                mlflow.log_metric(second, cost)
+                return value, cost
             finally:  # the memory figure of `make bench`, and a leak shows in the MLflow UI
                 rss = rss_mb()
                 trial.set_user_attr("rss_mb", rss)
@@ -126,12 +138,16 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def summary(study: optuna.Study) -> dict[str, Any]:
+def summary(study: optuna.Study, tolerance: float = 0.005) -> dict[str, Any]:
+    """Trial counts, and the best trial (by :func:`objectives.pick` with two objectives)."""
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     out: dict[str, Any] = {s: states.count(s) for s in ("complete", "pruned", "fail")}
     if out["complete"]:
-        out.update(best_trial=study.best_trial.number, best_value=study.best_value,
-                   best_params=study.best_params)
+        best = objectives.pick(study, tolerance)
+        out.update(best_trial=best.number, best_value=best.values[0], best_values=best.values,
+                   best_params=best.params)
+        if objectives.is_multi(study):
+            out["pareto"] = sorted(t.number for t in study.best_trials)
     return out
 
 
@@ -142,7 +158,7 @@ def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: m
         make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
         timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
         callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
-                   tracking.log_best_so_far(parent.info.run_id),
+                   tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
                    lambda study, trial: interrupt.check(), *callbacks])
 
 
@@ -184,7 +200,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     start = time.monotonic()
     with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
-        bar = StudyProgress(study, remaining, enabled=progress)
+        bar = StudyProgress(study, remaining, progress, cfg.search.pick_tolerance)
         try:
             if workers == 1:
                 optimize(cfg, study, split, parent, remaining, verbose, [*callbacks, bar.refresh])
@@ -194,22 +210,22 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
                 run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose, bar)
         finally:
             bar.close()
-            result = summary(study)
+            result = summary(study, cfg.search.pick_tolerance)
             mlflow.log_metric("wall_s", time.monotonic() - start)
             for key in ("complete", "pruned", "fail"):
                 mlflow.log_metric(f"n_{key}", result[key])
-            log_plots(study)
+            log_plots(study, cfg.objective_names)
     return study
 
 
-def log_plots(study: optuna.Study) -> None:
+def log_plots(study: optuna.Study, names: list[str] | None = None) -> None:
     """Optuna's standard plots of the whole study, as artifacts of the active (parent) run."""
     import tempfile
 
     from mnist_opt.plots import write_plots
 
     with tempfile.TemporaryDirectory(prefix="mnist_opt_plots_") as tmp:
-        skipped = write_plots(study, Path(tmp), plotly_js="cdn")
+        skipped = write_plots(study, Path(tmp), plotly_js="cdn", target_names=names)
         mlflow.log_artifacts(tmp, "plots")
     if skipped:
         mlflow.set_tag("plots_skipped", "; ".join(f"{k}: {v}" for k, v in skipped.items())[:5000])

@@ -234,16 +234,29 @@ def log_model(model: keras.Model, registered_name: str | None = None):
                                   signature=signature, registered_model_name=registered_name)
 
 
-def log_best_so_far(parent_run_id: str):
-    """An Optuna callback: the parent run's ``best_value`` curve, one point per finished trial."""
+def log_best_so_far(parent_run_id: str, tolerance: float = 0.005):
+    """An Optuna callback: the parent run's ``best_value`` curve, one point per finished trial.
+
+    With two objectives, ``best_value`` is the best first objective on the Pareto front, and
+    ``pareto_front_size`` follows the front; the ``best_trial`` tag is the picked trial.
+    """
+    from mnist_opt.objectives import is_multi, pick
+
     client = MlflowClient()
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         try:
-            best = study.best_value
+            chosen = pick(study, tolerance)
         except ValueError:  # no completed trial yet
             return
+        if is_multi(study):
+            front = study.best_trials
+            sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+            best = sign * max(sign * t.values[0] for t in front)
+            client.log_metric(parent_run_id, "pareto_front_size", len(front), step=trial.number)
+        else:
+            best = chosen.value
         client.log_metric(parent_run_id, "best_value", best, step=trial.number)
-        client.set_tag(parent_run_id, "best_trial", str(study.best_trial.number))
+        client.set_tag(parent_run_id, "best_trial", str(chosen.number))
 
     return callback

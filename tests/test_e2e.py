@@ -282,7 +282,8 @@ def test_report_prints_the_top_trials_and_writes_plots(finished, tmp_path):
     assert lines[0].split()[:4] == ["#", "state", "value", "epochs"]
     study = optuna.load_study(study_name="mlp_tpe", storage=finished["storage"])  # the rerun
     best = study.best_trial                                                  # test adds one
-    assert lines[1].split()[:3] == [str(best.number), "COMPLETE", f"{best.value:.4f}"]
+    # ">" marks the trial retrain would pick
+    assert lines[1].split()[:4] == [">", str(best.number), "COMPLETE", f"{best.value:.4f}"]
     assert f"{len(study.trials)} trials:" in proc.stdout
     folder = tmp_path / "reports" / "mlp_tpe"
     png = folder / "optimization_history.png"

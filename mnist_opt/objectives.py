@@ -1,0 +1,61 @@
+"""One objective or two: validation accuracy alone, or with model size or inference latency.
+
+With two, Optuna keeps a Pareto front instead of one best trial, and "the best trial" needs
+a stated rule: :func:`pick` takes the cheapest model whose accuracy is within
+``search.pick_tolerance`` of the most accurate trial on the front. Everything that shows or
+retrains "the best" goes through :func:`pick`, so the rule lives in one place.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import optuna
+
+SECOND = {"n_params": "parameters", "latency_ms": "ms per image"}
+
+
+def is_multi(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def _sign(study: optuna.Study) -> int:
+    return 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+
+
+def pick(study: optuna.Study, tolerance: float = 0.005) -> optuna.trial.FrozenTrial:
+    """The trial to show and retrain: the best one, or the rule's choice from the Pareto front.
+
+    Raises ValueError when no trial has completed (as ``study.best_trial`` does).
+    """
+    if not is_multi(study):
+        return study.best_trial
+    front = study.best_trials
+    if not front:
+        raise ValueError("no completed trial")
+    sign = _sign(study)
+    top = max(sign * t.values[0] for t in front)
+    near = [t for t in front if sign * t.values[0] >= top - tolerance]
+    return min(near, key=lambda t: (t.values[1], -sign * t.values[0]))
+
+
+def rule(metric: str, second: str, tolerance: float) -> str:
+    return (f"the smallest {second} on the Pareto front among trials within {tolerance:g} of "
+            f"the front's best {metric}")
+
+
+def first_value(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The (first) objective of a finished trial; None for pruned or failed ones."""
+    return trial.values[0] if trial.values else None
+
+
+def latency_ms(model, repeats: int = 30) -> float:
+    """Median wall time of one single-image forward pass (what serving one request costs)."""
+    x = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
+    model(x, training=False)  # build and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x, training=False)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
