@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results list test bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results lr-find predict list test bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -55,6 +55,12 @@ report: install  ## top trials + Optuna plots (HTML, PNG) in reports/NAME/: make
 
 results: install  ## write the README results table from the MLflow runs of study + retrain
 	$(BIN)/mnist-opt results --update README.md
+
+lr-find: install  ## LR range test, suggested learning_rate range: make lr-find NAME=mlp_tpe [ARGS=--apply]
+	$(BIN)/mnist-opt lr-find $(NAME) $(ARGS)
+
+predict: install  ## classify images: make predict IMAGES="a.png b.jpg" [MODEL=models:/mlp_tpe/latest]
+	$(BIN)/mnist-opt predict --model $(or $(MODEL),models:/$(NAME)/latest) $(IMAGES)
 
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list

@@ -25,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fetch(url: str, body: dict | None = None, deadline: float = 90.0) -> dict:
+def _fetch(url: str, body: dict | None = None, deadline: float = 300.0) -> dict:
     """Poll until the server answers (they take a few seconds to start)."""
     end, last = time.monotonic() + deadline, None
     while time.monotonic() < end:
