@@ -1,6 +1,7 @@
 """`make dashboard` and `make mlflow-ui` serve a study that just ran (HTTP APIs, 127.0.0.1 only)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -54,24 +56,32 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_dashboard_and_mlflow_ui_serve_the_study(stores):
+@contextlib.contextmanager
+def served_study(stores: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """A 2-trial ``mlp_tpe`` study in ``stores``, then ``make dashboard`` and ``make mlflow-ui``
+    on free ports; yields their base URLs and stops both servers afterwards."""
     cfg = with_overrides(find_study("mlp_tpe"), n_trials=2, max_epochs=1, train_subset=1000)
     run_study(cfg, stores["storage"], verbose=False, progress=False)
     dash_port, ui_port = _free_port(), _free_port()
     dash = _serve("dashboard", STORAGE=stores["storage"], DASHBOARD_PORT=str(dash_port))
     ui = _serve("mlflow-ui", TRACKING=stores["tracking"], MLFLOW_PORT=str(ui_port))
     try:
-        studies = _fetch(f"http://127.0.0.1:{dash_port}/api/studies")["study_summaries"]
-        assert [s["study_name"] for s in studies] == ["mlp_tpe"]
-        detail = _fetch(f"http://127.0.0.1:{dash_port}/api/studies/{studies[0]['study_id']}")
-        assert len(detail["trials"]) == 2
-        exps = _fetch(f"http://127.0.0.1:{ui_port}/api/2.0/mlflow/experiments/search",
-                      {"max_results": 10})["experiments"]
-        exp = next(e for e in exps if e["name"] == "mlp_tpe")
-        runs = _fetch(f"http://127.0.0.1:{ui_port}/api/2.0/mlflow/runs/search",
-                      {"experiment_ids": [exp["experiment_id"]]})["runs"]
-        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
-        assert sorted(t["mnist_opt.kind"] for t in tags) == ["study", "trial", "trial"]
+        yield f"http://127.0.0.1:{dash_port}", f"http://127.0.0.1:{ui_port}"
     finally:
         _stop(dash)
         _stop(ui)
+
+
+def test_dashboard_and_mlflow_ui_serve_the_study(stores):
+    with served_study(stores) as (dash, ui):
+        studies = _fetch(f"{dash}/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["mlp_tpe"]
+        detail = _fetch(f"{dash}/api/studies/{studies[0]['study_id']}")
+        assert len(detail["trials"]) == 2
+        exps = _fetch(f"{ui}/api/2.0/mlflow/experiments/search",
+                      {"max_results": 10})["experiments"]
+        exp = next(e for e in exps if e["name"] == "mlp_tpe")
+        runs = _fetch(f"{ui}/api/2.0/mlflow/runs/search",
+                      {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        assert sorted(t["mnist_opt.kind"] for t in tags) == ["study", "trial", "trial"]

@@ -24,9 +24,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from mnist_opt.config import find_study, with_overrides
-from mnist_opt.runner import run_study
-from test_browse import _fetch, _free_port, _serve, _stop  # tests/ is on sys.path (pytest)
+from test_browse import _fetch, served_study  # tests/ is on sys.path (pytest)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -137,18 +135,9 @@ def test_uis_render_the_study_in_a_browser(stores: dict[str, str]) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*-*.*"):  # a stale screenshot must not pass for this run's
         old.unlink()
-    cfg = with_overrides(find_study("mlp_tpe"), n_trials=2, max_epochs=1, train_subset=1000)
-    run_study(cfg, stores["storage"], verbose=False, progress=False)
-    dash_port, ui_port = _free_port(), _free_port()
-    dash = _serve("dashboard", STORAGE=stores["storage"], DASHBOARD_PORT=str(dash_port))
-    ui = _serve("mlflow-ui", TRACKING=stores["tracking"], MLFLOW_PORT=str(ui_port))
-    try:
-        with _chrome() as driver:
-            _check_dashboard(driver, f"http://127.0.0.1:{dash_port}")
-            _check_mlflow(driver, f"http://127.0.0.1:{ui_port}")
-    finally:
-        _stop(dash)
-        _stop(ui)
+    with served_study(stores) as (dash, ui), _chrome() as driver:
+        _check_dashboard(driver, dash)
+        _check_mlflow(driver, ui)
     for name in ("optuna-dashboard-studies", "optuna-dashboard-study", "optuna-dashboard-trials",
                  "mlflow-experiments", "mlflow-runs"):
         shot = ARTIFACTS / f"{name}.png"
