@@ -110,7 +110,7 @@ def _print_summary(cfg, result: dict, interrupted: bool, storage: str) -> None:
           f"  trials, live:  make dashboard   (optuna-dashboard {storage}) → http://127.0.0.1:8080\n"
           f"  MLflow runs:   make mlflow-ui   (experiment {cfg.name}, tracking "
           f"{mlflow.get_tracking_uri()}) → http://127.0.0.1:5000\n"
-          f"  plots, table:  mnist-opt report {cfg.name}   (also the study run's plots/ in MLflow)\n"
+          f"  plots, table:  make report NAME={cfg.name}   (also the study run's plots/ in MLflow)\n"
           f"next: make retrain NAME={cfg.name} SEEDS=3   (tests the best trial, registers model "
           f"'{cfg.name}')")
 

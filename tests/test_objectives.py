@@ -78,3 +78,17 @@ def test_nsga2_sampler_for_two_objectives():
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"sampler": "nsga2"})})
     sampler = make_sampler(cfg)
     assert isinstance(sampler, optuna.samplers.NSGAIISampler)
+
+
+def test_latency_objective_times_a_real_forward_pass():
+    from mnist_opt.models import build_model
+    from mnist_opt.objectives import latency_ms
+
+    small = build_model({"n_layers": 1, "units_l0": 16, "dropout_l0": 0.0, "batch_norm": False,
+                         "activation": "relu"})
+    big = build_model({"n_layers": 3, **{f"units_l{i}": 2048 for i in range(3)},
+                       **{f"dropout_l{i}": 0.0 for i in range(3)}, "batch_norm": False,
+                       "activation": "relu"})
+    fast, slow = latency_ms(small), latency_ms(big)
+    assert 0 < fast < 1000 and 0 < slow < 1000
+    assert slow > fast  # 10M multiply-adds per image against 13k
