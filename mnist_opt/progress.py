@@ -35,9 +35,11 @@ class StudyProgress:
         states = [t.state for t in trials]
         post = {"running": states.count(State.RUNNING), "pruned": states.count(State.PRUNED)}
         if State.COMPLETE in states:
-            best = pick(self.study, self.tolerance)
-            post = {"best": f"{best.values[0]:.4f} (#{best.number})", **post}
-            if is_multi(self.study):
+            best, multi = pick(self.study, self.tolerance), is_multi(self.study)
+            # two objectives: the trial the pick rule takes, not the most accurate one
+            post = {"picked" if multi else "best": f"{best.values[0]:.4f} (#{best.number})",
+                    **post}
+            if multi:
                 post["front"] = len(self.study.best_trials)
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
