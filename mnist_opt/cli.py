@@ -1,4 +1,4 @@
-"""``mnist-opt``: list studies, run a study, retrain its best trial, tabulate the results.
+"""mnist-opt: Optuna searches of Keras models on MNIST and Fashion-MNIST, tracked in MLflow.
 
 Exit status: 0 done, 2 bad input (unknown study, invalid study file, missing or corrupt
 data, bad storage or tracking store, nothing to retrain), 130 interrupted, 1 anything else. Heavy imports (TensorFlow, MLflow) are
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt.install()
-    if args.command in ("study", "retrain", "results", "predict", "lr-find"):  # results: via MLflow's keras
+    # the commands that load TensorFlow (results: through MLflow's Keras flavour)
+    if args.command in ("study", "retrain", "results", "predict", "lr-find"):
         from mnist_opt.quiet import import_tensorflow
 
         import_tensorflow()

@@ -4,20 +4,17 @@ from __future__ import annotations
 import contextlib
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import optuna
 
-from pathlib import Path
-
-from mnist_opt import data, evaluation, tracking
+from mnist_opt import data, evaluation, objectives, tracking
 from mnist_opt.callbacks import TrialCallback
 from mnist_opt.config import StudyConfig
 from mnist_opt.errors import RetrainError
-from mnist_opt import objectives
-from mnist_opt.objectives import pick
 from mnist_opt.models import build_model
 from mnist_opt.space import baseline_params, suggest_params
 from mnist_opt.storage import load_existing, resolve_storage
@@ -46,7 +43,7 @@ class RetrainResult:
 def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
     study = load_existing(cfg.name, storage)
     try:
-        return pick(study, cfg.search.pick_tolerance)
+        return objectives.pick(study, cfg.search.pick_tolerance)
     except ValueError:
         raise RetrainError(f"study {cfg.name!r} has no completed trial yet; run more trials "
                            f"with `mnist-opt study {cfg.name}`") from None
@@ -107,7 +104,8 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
             if info is None:  # register the first seed's model, chosen before any test score
                 info = tracking.log_model(model, registered_name=cfg.name)
                 folder = Path("reports") / cfg.name / "evaluation"
-                summary = _log_evaluation(model, ds, folder, f"{cfg.name} trial {best.number}, seed {seed}")
+                summary = _log_evaluation(model, ds, folder,
+                                          f"{cfg.name} trial {best.number}, seed {seed}")
             del model
         accs = [r["accuracy"] for r in results]
         result = RetrainResult(best.number, val_accuracy, statistics.fmean(accs),
