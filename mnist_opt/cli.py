@@ -61,12 +61,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     """Run (or continue) a study until it has n_trials finished trials, each tracked in MLflow."""
     cfg = _config(args)
+    import optuna
+
     from mnist_opt import runner
     from mnist_opt.storage import resolve_storage
 
     storage = resolve_storage(args.storage)
-    import optuna
-
     # the progress bar carries the best value; Optuna's per-trial lines only with -v
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
@@ -78,8 +78,6 @@ def cmd_study(args: argparse.Namespace) -> int:
                                  workers=args.workers)
     except KeyboardInterrupt:
         interrupted = True
-        import optuna
-
         study = optuna.load_study(study_name=cfg.name, storage=storage)
     _print_summary(cfg, runner.summary(study, cfg.search.pick_tolerance), interrupted, storage)
     return 130 if interrupted else 0

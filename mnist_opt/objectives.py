@@ -19,11 +19,18 @@ def is_multi(study: optuna.Study) -> bool:
     return len(study.directions) > 1
 
 
-def _sign(study: optuna.Study) -> int:
+def sign(study: optuna.Study) -> int:
+    """+1 when the (first) objective is maximised, -1 when minimised: ``sign * value`` ranks."""
     return 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
 
 
-def pick(study: optuna.Study, tolerance: float = 0.005) -> optuna.trial.FrozenTrial:
+def front_best(study: optuna.Study) -> float:
+    """The best first objective among the Pareto front's trials."""
+    s = sign(study)
+    return s * max(s * t.values[0] for t in study.best_trials)
+
+
+def pick(study: optuna.Study, tolerance: float) -> optuna.trial.FrozenTrial:
     """The trial to show and retrain: the best one, or the rule's choice from the Pareto front.
 
     Raises ValueError when no trial has completed (as ``study.best_trial`` does).
@@ -33,10 +40,9 @@ def pick(study: optuna.Study, tolerance: float = 0.005) -> optuna.trial.FrozenTr
     front = study.best_trials
     if not front:
         raise ValueError("no completed trial")
-    sign = _sign(study)
-    top = max(sign * t.values[0] for t in front)
-    near = [t for t in front if sign * t.values[0] >= top - tolerance]
-    return min(near, key=lambda t: (t.values[1], -sign * t.values[0]))
+    s, top = sign(study), front_best(study)
+    near = [t for t in front if s * (t.values[0] - top) >= -tolerance]
+    return min(near, key=lambda t: (t.values[1], -s * t.values[0]))
 
 
 def rule(metric: str, second: str, tolerance: float) -> str:

@@ -197,11 +197,11 @@ def _tracking_store(model_uri: str) -> str:
     return tracking.configure()
 
 
-def load_model(model_uri: str):
-    """The Keras model behind an MLflow model URI, or a PredictError that says where to look."""
+def load_model(model_uri: str, store: str):
+    """The Keras model behind an MLflow model URI in the tracking ``store``, or a PredictError
+    that says where to look."""
     import mlflow
 
-    store = _tracking_store(model_uri)
     try:
         return mlflow.keras.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and Keras raise many kinds
@@ -220,10 +220,10 @@ def predict(model_uri: str, paths: Sequence[str | Path],
     """
     if not paths:
         return []
-    _tracking_store(model_uri)
+    store = _tracking_store(model_uri)
     known = dataset or model_dataset(model_uri)
     x = np.stack([preprocess(p, known or "mnist") for p in paths])
-    model = load_model(model_uri)
+    model = load_model(model_uri, store)
     if known is None:  # said only now: a bad URI gets its own error, not this
         print(f"note: cannot tell which dataset {model_uri} was trained on; assuming mnist "
               "(choose with --dataset)", file=sys.stderr)

@@ -15,8 +15,7 @@ State = optuna.trial.TrialState
 
 
 class StudyProgress:
-    def __init__(self, study: optuna.Study, total: int, enabled: bool = True,
-                 tolerance: float = 0.005):
+    def __init__(self, study: optuna.Study, total: int, enabled: bool, tolerance: float):
         self.study, self.total, self.tolerance = study, total, tolerance
         self.before = self._finished(study.get_trials(deepcopy=False))
         self.bar = tqdm(total=total, desc=study.study_name, unit="trial", disable=not enabled,

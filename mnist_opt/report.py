@@ -5,25 +5,25 @@ import json
 
 import optuna
 
-from mnist_opt.objectives import first_value, is_multi, pick
+from mnist_opt.objectives import first_value, is_multi, pick, sign
 
 
 def _score(study: optuna.Study):
     """Sort key: completed first, then by the (first) objective, best first; pruned trials
     by their last reported value."""
-    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    s = sign(study)
 
     def score(t: optuna.trial.FrozenTrial) -> tuple:
         value = first_value(t)
         if value is None and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]
-        rank = float("inf") if value is None else (-value if maximize else value)
+        rank = float("inf") if value is None else -s * value
         return (t.state != optuna.trial.TrialState.COMPLETE, rank)
 
     return score
 
 
-def table(study: optuna.Study, top: int = 10, tolerance: float = 0.005) -> str:
+def table(study: optuna.Study, top: int, tolerance: float) -> str:
     """Finished trials, best first, as text. With two objectives both values are shown,
     Pareto-front trials are marked ``*`` and the one retrain would pick ``>``."""
     multi = is_multi(study)

@@ -138,7 +138,7 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def summary(study: optuna.Study, tolerance: float = 0.005) -> dict[str, Any]:
+def summary(study: optuna.Study, tolerance: float) -> dict[str, Any]:
     """Trial counts, and the best trial (by :func:`objectives.pick` with two objectives)."""
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     out: dict[str, Any] = {s: states.count(s) for s in ("complete", "pruned", "fail")}

@@ -234,13 +234,13 @@ def log_model(model: keras.Model, registered_name: str | None = None):
                                   signature=signature, registered_model_name=registered_name)
 
 
-def log_best_so_far(parent_run_id: str, tolerance: float = 0.005):
+def log_best_so_far(parent_run_id: str, tolerance: float):
     """An Optuna callback: the parent run's ``best_value`` curve, one point per finished trial.
 
     With two objectives, ``best_value`` is the best first objective on the Pareto front, and
     ``pareto_front_size`` follows the front; the ``best_trial`` tag is the picked trial.
     """
-    from mnist_opt.objectives import is_multi, pick
+    from mnist_opt.objectives import front_best, is_multi, pick
 
     client = MlflowClient()
 
@@ -250,10 +250,9 @@ def log_best_so_far(parent_run_id: str, tolerance: float = 0.005):
         except ValueError:  # no completed trial yet
             return
         if is_multi(study):
-            front = study.best_trials
-            sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
-            best = sign * max(sign * t.values[0] for t in front)
-            client.log_metric(parent_run_id, "pareto_front_size", len(front), step=trial.number)
+            best = front_best(study)
+            client.log_metric(parent_run_id, "pareto_front_size", len(study.best_trials),
+                              step=trial.number)
         else:
             best = chosen.value
         client.log_metric(parent_run_id, "best_value", best, step=trial.number)
