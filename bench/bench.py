@@ -37,11 +37,11 @@ import optuna  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from mnist_opt import data  # noqa: E402
-from mnist_opt.config import StudyConfig, find_study, with_overrides  # noqa: E402
-from mnist_opt.models import build_model  # noqa: E402
-from mnist_opt.runner import run_study  # noqa: E402
-from mnist_opt.space import suggest_params  # noqa: E402
-from mnist_opt.training import compile_model, evaluate, train  # noqa: E402
+from mnist_opt.study.config import StudyConfig, find_study, with_overrides  # noqa: E402
+from mnist_opt.training.models import build_model  # noqa: E402
+from mnist_opt.search.runner import run_study  # noqa: E402
+from mnist_opt.study.space import suggest_params  # noqa: E402
+from mnist_opt.training.loop import compile_model, evaluate, fresh_model, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,11 +73,9 @@ class EpochTimer(keras.callbacks.Callback):
 
 def retrain_test(params: dict, split: data.Split, ds: data.Dataset, epochs: int) -> float:
     """The same recipe for both tools' best configuration: train+val, then the test set."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
     x = np.concatenate([split.x_train, split.x_val])
     y = np.concatenate([split.y_train, split.y_val])
-    model = build_model(params)
+    model = fresh_model(params, seed=0)
     train(model, params, (x, y), None, epochs)
     return evaluate(model, data.to_float(ds.x_test), ds.y_test.astype("int64"))["accuracy"]
 
@@ -147,8 +145,7 @@ def fixed_space(params: dict) -> dict:
 
 def overhead(cfg: StudyConfig, fixed: dict, split: data.Split, workdir: Path, epochs: int) -> dict:
     """Per-epoch time of one fixed configuration: inside our trial vs a bare ``model.fit``."""
-    keras.backend.clear_session()
-    model = compile_model(build_model(fixed), fixed, len(split.y_train))
+    model = compile_model(fresh_model(fixed, seed=0), fixed, len(split.y_train))
     counter = EpochTimer()
     start = time.perf_counter()
     model.fit(split.x_train, split.y_train, validation_data=(split.x_val, split.y_val),

@@ -18,9 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from mnist_opt import data  # noqa: E402
-from mnist_opt.models import build_model  # noqa: E402
-from mnist_opt.runner import rss_mb  # noqa: E402
-from mnist_opt.training import compile_model, train  # noqa: E402
+from mnist_opt.training.models import build_model  # noqa: E402
+from mnist_opt.search.objective import rss_mb  # noqa: E402
+from mnist_opt.training.loop import compile_model, train  # noqa: E402
 
 PARAMS = {"n_layers": 4, "units_l0": 82, "units_l1": 4, "units_l2": 76, "units_l3": 12,
           "dropout_l0": 0.2, "dropout_l1": 0.2, "dropout_l2": 0.2, "dropout_l3": 0.2,

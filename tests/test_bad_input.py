@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mnist_opt.config import StudyConfig, load_config
+from mnist_opt.study.config import StudyConfig, load_config
 from mnist_opt.errors import StudyFileError
 
 ROOT = Path(__file__).resolve().parent.parent

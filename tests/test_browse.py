@@ -14,8 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from mnist_opt.config import find_study, with_overrides
-from mnist_opt.runner import run_study
+from mnist_opt.study.config import find_study, with_overrides
+from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e

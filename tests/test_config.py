@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnist_opt.config import (StudyConfig, UnknownStudyError, find_study, known_studies,
+from mnist_opt.study.config import (StudyConfig, UnknownStudyError, find_study, known_studies,
                               load_config, with_overrides)
 from mnist_opt.errors import StudyFileError
 
@@ -203,7 +203,7 @@ def test_baseline_params_are_checked_like_the_space(tmp_path: Path):
 
 
 def test_baseline_builds_from_defaults_not_the_search_space(tmp_path: Path):
-    from mnist_opt.space import DEFAULTS, baseline_params
+    from mnist_opt.study.space import DEFAULTS, baseline_params
 
     doc = _with(baseline={"description": "tutorial", "params": {"n_layers": 1, "units": 350}})
     params = baseline_params(load_config(_write(tmp_path, doc)))

@@ -13,11 +13,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_opt import data, results
-from mnist_opt.config import find_study, with_overrides
-from mnist_opt.plots import PLOTS
-from mnist_opt.retrain import retrain
-from mnist_opt.runner import run_study
+from mnist_opt import data
+from mnist_opt.reporting import results
+from mnist_opt.study.config import find_study, with_overrides
+from mnist_opt.reporting.plots import PLOTS
+from mnist_opt.training.retrain import retrain
+from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_opt.config import load_config
-from mnist_opt.runner import run_study
+from mnist_opt.study.config import load_config
+from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_opt import lrfind
+from mnist_opt.training import lrfind
 from mnist_opt.cli import main
-from mnist_opt.config import Range, find_study, load_config
+from mnist_opt.study.config import Range, find_study, load_config
 from mnist_opt.errors import StudyFileError
-from mnist_opt.space import suggest_params
+from mnist_opt.study.space import suggest_params
 
 ROOT = Path(__file__).resolve().parent.parent
 

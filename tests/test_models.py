@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from keras import layers
 
-from mnist_opt.models import build_model
-from mnist_opt.training import make_optimizer
+from mnist_opt.training.models import build_model
+from mnist_opt.training.loop import make_optimizer
 
 
 def _layers(model: keras.Model, kind: type) -> list:

@@ -8,12 +8,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_opt.config import find_study, load_config, with_overrides
+from mnist_opt.study.config import find_study, load_config, with_overrides
 from mnist_opt.errors import StudyFileError
-from mnist_opt.objectives import pick
-from mnist_opt.report import table
-from mnist_opt.retrain import retrain
-from mnist_opt.runner import run_study
+from mnist_opt.study.objectives import pick
+from mnist_opt.reporting.report import table
+from mnist_opt.training.retrain import retrain
+from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def test_size_study_keeps_a_front_and_retrain_takes_the_picked_trial(stores):
 
 
 def test_nsga2_sampler_for_two_objectives():
-    from mnist_opt.runner import make_sampler
+    from mnist_opt.search.samplers import make_sampler
 
     cfg = find_study("mlp_size_tpe")
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"sampler": "nsga2"})})
@@ -81,8 +81,8 @@ def test_nsga2_sampler_for_two_objectives():
 
 
 def test_latency_objective_times_a_real_forward_pass():
-    from mnist_opt.models import build_model
-    from mnist_opt.objectives import latency_ms
+    from mnist_opt.training.models import build_model
+    from mnist_opt.study.objectives import latency_ms
 
     small = build_model({"n_layers": 1, "units_l0": 16, "dropout_l0": 0.0, "batch_norm": False,
                          "activation": "relu"})

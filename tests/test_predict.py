@@ -11,7 +11,7 @@ from PIL import Image
 
 from mnist_opt import data
 from mnist_opt.errors import PredictError
-from mnist_opt.predict import preprocess
+from mnist_opt.training.predict import preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,9 +154,9 @@ def registered(tmp_path_factory: pytest.TempPathFactory, mnist):
     import keras
     import mlflow
 
-    from mnist_opt import tracking
-    from mnist_opt.models import build_model
-    from mnist_opt.training import train
+    from mnist_opt.tracking import runs as tracking
+    from mnist_opt.training.models import build_model
+    from mnist_opt.training.loop import train
 
     tmp = tmp_path_factory.mktemp("predict")
     with pytest.MonkeyPatch.context() as mp:
@@ -228,7 +228,7 @@ def test_cli_prints_the_class_and_top_3_per_image(registered, mnist, capsys):
 
 @pytest.mark.e2e
 def test_predict_returns_the_models_probabilities(registered, mnist):
-    from mnist_opt.predict import predict
+    from mnist_opt.training.predict import predict
 
     a = registered["sure"][0]
     path = registered["tmp"] / "direct.png"
@@ -247,8 +247,8 @@ def test_the_dataset_comes_from_the_study_run_when_no_study_file_names_it(regist
                                                                           capsys):
     import mlflow
 
-    from mnist_opt import tracking
-    from mnist_opt.predict import predict
+    from mnist_opt.tracking import runs as tracking
+    from mnist_opt.training.predict import predict
 
     path = registered["tmp"] / "direct.png"
     Image.fromarray(mnist.x_test[0]).save(path)
@@ -294,7 +294,7 @@ def test_a_bad_image_exits_2_naming_the_file(registered, mnist, capsys):
 
 @pytest.mark.e2e
 def test_no_tracking_store_here_is_an_error_that_creates_none(registered, monkeypatch, tmp_path):
-    from mnist_opt.predict import predict
+    from mnist_opt.training.predict import predict
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

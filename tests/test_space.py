@@ -8,9 +8,9 @@ import optuna
 import pytest
 import yaml
 
-from mnist_opt.config import find_study, load_config
-from mnist_opt.runner import make_sampler
-from mnist_opt.space import grid_space, suggest_params
+from mnist_opt.study.config import find_study, load_config
+from mnist_opt.search.samplers import make_sampler
+from mnist_opt.study.space import grid_space, suggest_params
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -6,17 +6,14 @@ trial any worker starts marks it FAIL, closes its MLflow run and re-queues its p
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import warnings
-from pathlib import Path
-from typing import Iterator
 
 import optuna
 
-from mnist_opt.config import studies_dir
+from mnist_opt.study.config import studies_dir
 from mnist_opt.errors import RetrainError, StorageError
+from mnist_opt.tracking.urls import sqlite_init_lock
 
 MAX_RETRY = 2  # a trial that keeps killing its worker is not retried forever
 
@@ -37,36 +34,11 @@ def _heartbeat() -> tuple[int, int]:
 
 
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    from mnist_opt import tracking  # MLflow is heavy; only needed once a trial died
+    from mnist_opt.tracking import runs as tracking  # MLflow is heavy; only needed once a trial died
 
     tracking.close_run(trial.user_attrs.get("mlflow_run_id"), "KILLED",
                        {"state": "failed", "fail_reason": "stale: worker stopped sending heartbeats"})
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-
-
-@contextlib.contextmanager
-def sqlite_init_lock(url: str) -> Iterator[None]:
-    """Serialize opening a SQLite database across processes on this machine.
-
-    Two processes that open a *fresh* file at once race on creating its tables or running
-    its migrations (Optuna: "table already exists"; MLflow: "duplicate column", mlflow
-    #4123) and one dies. An advisory lock on ``<file>.lock`` makes the second one wait.
-    """
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    lock = Path(url[len("sqlite:///"):] + ".lock")
-    try:
-        handle = open(lock, "a")
-    except OSError:  # an unwritable place: opening the database will say so clearly
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:

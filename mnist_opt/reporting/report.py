@@ -5,7 +5,7 @@ import json
 
 import optuna
 
-from mnist_opt.objectives import first_value, is_multi, pick, sign
+from mnist_opt.study.objectives import first_value, is_multi, pick, sign
 
 
 def _score(study: optuna.Study):

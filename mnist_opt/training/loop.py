@@ -1,11 +1,39 @@
-"""The one training loop: search, retrain and the benchmark all call :func:`train`."""
+"""The one training loop: search, retrain, lr-find and the benchmark all call
+:func:`study_split` for their data, :func:`fresh_model` for a model and :func:`train`."""
 from __future__ import annotations
 
+import gc
 from typing import Any, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from mnist_opt import data
+from mnist_opt.study.config import StudyConfig
+from mnist_opt.training.models import build_model
+
+
+def study_split(cfg: StudyConfig) -> data.Split:
+    """The study's stratified train/validation split (of its search subset, if it has one)."""
+    return data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
+                      cfg.search_subset)
+
+
+def fresh_model(params: dict[str, Any], seed: int, freeze: bool = False) -> keras.Model:
+    """A new model for ``params``, initialised from ``seed``, in a fresh Keras session.
+
+    Clearing the session gives fresh layer names and lets the last model be collected.
+    ``freeze`` (short-lived worker processes only): freeze what survives the collection, so
+    later collections scan one trial's objects, not every graph TensorFlow leaked; a
+    long-lived process must not, since frozen objects that die later are never freed.
+    """
+    keras.backend.clear_session(free_memory=False)
+    gc.collect()
+    if freeze:
+        gc.freeze()
+    keras.utils.set_random_seed(seed)
+    return build_model(params)
 
 
 def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimizers.Optimizer:

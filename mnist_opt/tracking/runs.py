@@ -24,7 +24,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.errors import TrackingError
-from mnist_opt.storage import sqlite_init_lock
+from mnist_opt.tracking.urls import sqlite_init_lock, sqlite_path
 
 DEFAULT_DIR = Path("mlruns")
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
@@ -61,9 +61,8 @@ def open_experiment(name: str) -> str:
 
 def _artifact_location(uri: str, name: str) -> str | None:
     """Keep a SQLite store's artifacts beside its database file (``mlruns/<study>/…``)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / name).as_uri()
-    return None  # a tracking server decides
+    path = sqlite_path(uri)
+    return (path.resolve().parent / name).as_uri() if path else None  # a tracking server decides
 
 
 def experiment_id(name: str) -> str:
@@ -240,7 +239,7 @@ def log_best_so_far(parent_run_id: str, tolerance: float):
     With two objectives, ``best_value`` is the best first objective on the Pareto front, and
     ``pareto_front_size`` follows the front; the ``best_trial`` tag is the picked trial.
     """
-    from mnist_opt.objectives import front_best, is_multi, pick
+    from mnist_opt.study.objectives import front_best, is_multi, pick
 
     client = MlflowClient()
 

@@ -12,7 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from mnist_opt import interrupt
-from mnist_opt.config import find_study, known_studies, load_config, studies_dir, with_overrides
+from mnist_opt.study.config import find_study, known_studies, load_config, studies_dir, with_overrides
 from mnist_opt.errors import MnistOptError, StudyFileError
 
 
@@ -63,8 +63,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = _config(args)
     import optuna
 
-    from mnist_opt import runner
-    from mnist_opt.storage import resolve_storage
+    from mnist_opt.search import runner
+    from mnist_opt.search.objective import summary
+    from mnist_opt.tracking.storage import resolve_storage
 
     storage = resolve_storage(args.storage)
     # the progress bar carries the best value; Optuna's per-trial lines only with -v
@@ -79,7 +80,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         study = optuna.load_study(study_name=cfg.name, storage=storage)
-    _print_summary(cfg, runner.summary(study, cfg.search.pick_tolerance), interrupted, storage)
+    _print_summary(cfg, summary(study, cfg.search.pick_tolerance), interrupted, storage)
     return 130 if interrupted else 0
 
 
@@ -89,7 +90,7 @@ def _print_summary(cfg, result: dict, interrupted: bool, storage: str) -> None:
           f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished)")
     second = cfg.search.second_objective
     if "pareto" in result:
-        from mnist_opt.objectives import rule
+        from mnist_opt.study.objectives import rule
 
         print(f"Pareto front ({cfg.search.metric} vs {second}): trials "
               f"{', '.join(map(str, result['pareto']))}")
@@ -116,7 +117,7 @@ def _print_summary(cfg, result: dict, interrupted: bool, storage: str) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Retrain the best trial on train+validation, evaluate on test, register the model."""
     cfg = _config(args)
-    from mnist_opt.retrain import retrain
+    from mnist_opt.training.retrain import retrain
 
     if args.seeds < 1:
         raise StudyFileError(f"--seeds must be a positive integer, got {args.seeds}")
@@ -144,15 +145,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the study's top trials and write Optuna's plots (HTML + PNG) to reports/NAME/."""
     cfg = _config(args)
-    from pathlib import Path
-
-    from mnist_opt.plots import write_plots
-    from mnist_opt.report import table
-    from mnist_opt.storage import load_existing, resolve_storage
+    from mnist_opt.reporting.plots import write_plots
+    from mnist_opt.reporting.report import table
+    from mnist_opt.tracking.storage import load_existing, resolve_storage
 
     study = load_existing(cfg.name, resolve_storage(args.storage))
     print(table(study, args.top, cfg.search.pick_tolerance))
-    folder = Path("reports") / cfg.name
+    folder = cfg.report_dir
     skipped = write_plots(study, folder, target_names=cfg.objective_names)
     print(f"\nplots: {folder}/ ({', '.join(p.name for p in sorted(folder.glob('*.html')))})")
     for name, reason in skipped.items():
@@ -164,7 +163,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     """The results table: each study's search and retrained test accuracy, read from MLflow."""
     from pathlib import Path
 
-    from mnist_opt import results
+    from mnist_opt.reporting import results
 
     rows = results.collect(args.names)
     table = results.markdown(rows)
@@ -181,7 +180,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files with a model: the class name and the top-3 probabilities."""
-    from mnist_opt.predict import predict
+    from mnist_opt.training.predict import predict
 
     for result in predict(args.model, args.images, args.dataset):
         print(result.line())
@@ -192,8 +191,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     """Learning-rate range test: loss vs an exponentially rising LR (plot in reports/NAME/),
     a suggested learning_rate range, written into the study file with --apply."""
     cfg = _config(args)
-    from mnist_opt import lrfind
-    from mnist_opt.storage import resolve_storage
+    from mnist_opt.training import lrfind
+    from mnist_opt.tracking.storage import resolve_storage
 
     storage = resolve_storage(args.storage)
     try:

@@ -153,7 +153,7 @@ def _place(patch: np.ndarray, by_mass: bool) -> np.ndarray:
 
 
 def _study_dataset(name: str) -> str | None:
-    from mnist_opt.config import find_study
+    from mnist_opt.study.config import find_study
 
     try:
         return find_study(name).dataset
@@ -186,7 +186,7 @@ def model_dataset(model_uri: str) -> str | None:
 
 def _tracking_store(model_uri: str) -> str:
     """Configure MLflow, but do not create an empty default store only to find no model in it."""
-    from mnist_opt import tracking
+    from mnist_opt.tracking import runs as tracking
 
     default = tracking.DEFAULT_DIR / "mlflow.db"
     if (model_uri.startswith(("models:", "runs:")) and not os.environ.get("MLFLOW_TRACKING_URI")

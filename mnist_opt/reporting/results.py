@@ -11,8 +11,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from mnist_opt import tracking
-from mnist_opt.config import StudyConfig, find_study, known_studies
+from mnist_opt.tracking import runs as tracking
+from mnist_opt.study.config import StudyConfig, find_study, known_studies
 from mnist_opt.errors import MnistOptError
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from mnist_opt import interrupt
 
 if TYPE_CHECKING:
-    from mnist_opt.progress import StudyProgress
+    from mnist_opt.search.progress import StudyProgress
 
 
 def quotas(remaining: int, workers: int) -> list[int]:
@@ -51,7 +51,7 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
             given[slot] = min(shares[slot], cfg.search.trials_per_worker)
             left = None if deadline is None else max(1, int(deadline - time.monotonic()))
             procs[slot] = subprocess.Popen(
-                [sys.executable, "-m", "mnist_opt.workers", str(config), "--storage", storage,
+                [sys.executable, "-m", "mnist_opt.search.workers", str(config), "--storage", storage,
                  "--parent-run-id", parent_run_id, "--n-trials", str(given[slot]),
                  "--index", str(spawned), "--threads", str(threads),
                  *(["--timeout", str(left)] if left else []), *(["-v"] if verbose else [])])
@@ -98,10 +98,12 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     import mlflow
     import optuna
 
-    from mnist_opt import data, tracking
-    from mnist_opt.config import StudyConfig
-    from mnist_opt.runner import make_pruner, make_sampler, n_finished, optimize
-    from mnist_opt.storage import make_storage
+    from mnist_opt.tracking import runs as tracking
+    from mnist_opt.training.loop import study_split
+    from mnist_opt.study.config import StudyConfig
+    from mnist_opt.search.objective import n_finished, optimize
+    from mnist_opt.search.samplers import make_pruner, make_sampler
+    from mnist_opt.tracking.storage import make_storage
 
     cfg = StudyConfig.model_validate_json(config.read_text())
     if timeout:  # what is left of the study's timeout when this process started
@@ -113,15 +115,14 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     n_trials = min(n_trials, cfg.search.n_trials - n_finished(study))
     if n_trials <= 0:
         return
-    split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                       cfg.search_subset)
+    split = study_split(cfg)
     tracking.configure()
     # a short-lived process: freezing after each trial's collection is safe and cheap here
     optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose, freeze=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnist_opt.workers",
+    parser = argparse.ArgumentParser(prog="python -m mnist_opt.search.workers",
                                      description="one worker of `mnist-opt study --workers N`")
     parser.add_argument("config", type=Path)
     parser.add_argument("--storage", required=True)

@@ -45,14 +45,15 @@ matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mnist_opt import data, interrupt, tracking  # noqa: E402
-from mnist_opt.config import Choice, Range, StudyConfig, load_config  # noqa: E402
+from mnist_opt import interrupt  # noqa: E402
+from mnist_opt.tracking import runs as tracking  # noqa: E402
+from mnist_opt.study.config import Choice, Range, StudyConfig, load_config  # noqa: E402
 from mnist_opt.errors import MnistOptError, RetrainError, StudyFileError  # noqa: E402
-from mnist_opt.models import build_model  # noqa: E402
-from mnist_opt.objectives import pick  # noqa: E402
-from mnist_opt.space import DEFAULTS, DEPTH, _layer_spec, suggest_params  # noqa: E402
-from mnist_opt.storage import load_existing  # noqa: E402
-from mnist_opt.training import compile_model, make_dataset  # noqa: E402
+from mnist_opt.study.objectives import pick  # noqa: E402
+from mnist_opt.study.space import DEFAULTS, DEPTH, _layer_spec, suggest_params  # noqa: E402
+from mnist_opt.tracking.storage import load_existing  # noqa: E402
+from mnist_opt.training.loop import compile_model, fresh_model, make_dataset, study_split  # noqa: E402
+from mnist_opt.tracking.urls import sqlite_path  # noqa: E402
 
 BETA = 0.98  # EMA of the loss, bias-corrected (fastai, Smith)
 STOP_FACTOR = 4.0  # stop once the smoothed loss exceeds 4× its best: diverged
@@ -96,7 +97,8 @@ def midpoint_values(cfg: StudyConfig) -> dict[str, Any]:
 
 def stored_study(cfg: StudyConfig, storage: str) -> optuna.Study | None:
     """The study in ``storage`` if there is one (never creates a SQLite file by looking)."""
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+    path = sqlite_path(storage)
+    if path is not None and not path.exists():
         return None
     try:
         return load_existing(cfg.name, storage)
@@ -196,9 +198,7 @@ def lr_schedule(min_lr: float, max_lr: float, steps: int) -> np.ndarray:
 def range_test(params: dict[str, Any], x: np.ndarray, y: np.ndarray, min_lr: float,
                max_lr: float, steps: int, seed: int) -> Curve:
     """Train a fresh model for ``steps`` batches (at most one epoch) under the rising LR."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    model = build_model(params)
+    model = fresh_model(params, seed)
     compile_model(model, params, len(y), steps_per_execution=1)  # every batch seen
     test = RangeTest(lr_schedule(min_lr, max_lr, steps))
     ds = make_dataset(x, y, batch_size=params["batch_size"], shuffle_seed=seed).take(steps)
@@ -432,8 +432,7 @@ def run(cfg: StudyConfig, storage: str, min_lr: float = 1e-6, max_lr: float = 10
     study = stored_study(cfg, storage)
     params, source, trial = tested_params(cfg, study)
     experiment = tracking.open_experiment(cfg.name)  # a bad tracking store fails before training
-    split = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                       cfg.search_subset)
+    split = study_split(cfg)
     n, batch = len(split.y_train), params["batch_size"]
     epoch = -(-n // batch)
     steps = min(steps, epoch)
@@ -445,7 +444,7 @@ def run(cfg: StudyConfig, storage: str, min_lr: float = 1e-6, max_lr: float = 10
     if steps < FEW_BATCHES:
         more = ("more training images" if steps == epoch else "a higher --steps")
         sug.notes.append(f"only {steps} batches: a coarse curve; {more} would give a finer one")
-    folder = Path("reports") / cfg.name
+    folder = cfg.report_dir
     png = plot(curve, sug, folder / "lr_find.png",
                f"{cfg.name}: LR range test, {params['optimizer']}, batch {batch}")
     table = write_csv(curve, folder / "lr_find.csv")

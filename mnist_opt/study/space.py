@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from mnist_opt.config import Choice, ParamSpec, Range, StudyConfig
+from mnist_opt.study.config import Choice, ParamSpec, Range, StudyConfig
 
 # Values used when a study file leaves a parameter out.
 DEFAULTS: dict[str, dict[str, Any]] = {

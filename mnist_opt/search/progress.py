@@ -9,7 +9,7 @@ from __future__ import annotations
 import optuna
 from tqdm import tqdm
 
-from mnist_opt.objectives import is_multi, pick
+from mnist_opt.study.objectives import is_multi, pick
 
 State = optuna.trial.TrialState
 

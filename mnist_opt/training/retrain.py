@@ -6,19 +6,20 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 import optuna
 
-from mnist_opt import data, evaluation, objectives, tracking
-from mnist_opt.callbacks import TrialCallback
-from mnist_opt.config import StudyConfig
+from mnist_opt import data
+from mnist_opt.study import objectives
+from mnist_opt.tracking import runs as tracking
+from mnist_opt.training import evaluation
+from mnist_opt.training.callbacks import TrialCallback
+from mnist_opt.study.config import StudyConfig
 from mnist_opt.errors import RetrainError
-from mnist_opt.models import build_model
-from mnist_opt.space import baseline_params, suggest_params
-from mnist_opt.storage import load_existing, resolve_storage
-from mnist_opt.training import evaluate, train
+from mnist_opt.study.space import baseline_params, suggest_params
+from mnist_opt.tracking.storage import load_existing, resolve_storage
+from mnist_opt.training.loop import evaluate, fresh_model, train
 
 
 @dataclass
@@ -52,9 +53,7 @@ def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
 def _train_and_test(params: dict, train_xy: tuple[np.ndarray, np.ndarray], ds: data.Dataset,
                     epochs: int, seed: int, label: str, verbose: bool):
     """One seeded training on all training images, then the test set."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    model = build_model(params)
+    model = fresh_model(params, seed)
     callback = TrialCallback(None, epochs=epochs, label=label, verbose=verbose)
     train(model, params, train_xy, None, epochs, [callback], seed=seed)
     return model, evaluate(model, data.to_float(ds.x_test), ds.y_test.astype("int64"))
@@ -103,7 +102,7 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
             results.append(scores)
             if info is None:  # register the first seed's model, chosen before any test score
                 info = tracking.log_model(model, registered_name=cfg.name)
-                folder = Path("reports") / cfg.name / "evaluation"
+                folder = cfg.report_dir / "evaluation"
                 summary = _log_evaluation(model, ds, folder,
                                           f"{cfg.name} trial {best.number}, seed {seed}")
             del model

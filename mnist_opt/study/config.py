@@ -1,7 +1,7 @@
 """Study files: YAML in ``studies/``, validated on load.
 
 A study is data. The file names the dataset, the model family, the sampler and pruner and
-the ranges of the search space; :mod:`mnist_opt.space` turns the ranges into
+the ranges of the search space; :mod:`mnist_opt.study.space` turns the ranges into
 ``trial.suggest_*`` calls. A bad file raises :class:`StudyFileError` naming the file, the
 field and what is allowed.
 """
@@ -116,6 +116,9 @@ class SearchConfig(_Strict):
     # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
     # process is the one cure that works.
     trials_per_worker: int = Field(6, ge=1)
+    # A study whose trials keep failing stops instead of burning its budget (keras-tuner's
+    # max_consecutive_failed_trials, also 3): failed trials in a row, in completion order.
+    max_consecutive_failures: int = Field(3, ge=1)
     # A second objective, minimised beside `metric`: the study keeps a Pareto front, and
     # retrain picks the smallest/fastest model within pick_tolerance of the best accuracy.
     second_objective: Optional[Literal["n_params", "latency_ms"]] = None
@@ -213,6 +216,11 @@ class StudyConfig(_Strict):
         """The training images a trial draws from: the smaller of the two subsets."""
         sizes = [n for n in (self.data.train_subset, self.data.search_subset) if n]
         return min(sizes) if sizes else None
+
+    @property
+    def report_dir(self) -> Path:
+        """Where ``report``, ``retrain`` and ``lr-find`` write this study's files."""
+        return Path("reports") / self.name
 
     @property
     def retrain_epochs(self) -> int:

@@ -1,4 +1,4 @@
-"""MNIST / Fashion-MNIST: read the IDX files, verify them, split them.
+"""MNIST / Fashion-MNIST files: read the IDX files, verify their checksums, download them.
 
 The files are read from ``$MNIST_OPT_DATA/<dataset>/`` (the standard IDX ``.gz`` names).
 Where they are absent the loader downloads the original files into that directory; the
@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
-
 from mnist_opt.errors import DataError
 
 FILES = {
@@ -182,36 +180,3 @@ def _load(dataset: str, folder_name: str) -> Dataset:
         arrays[key] = read_idx_gz(folder / name)
     return Dataset(dataset, arrays["train_images"], arrays["train_labels"],
                    arrays["test_images"], arrays["test_labels"])
-
-
-
-@dataclass(frozen=True)
-class Split:
-    """Stratified train/validation arrays, scaled to float32 in [0, 1] with a channel axis."""
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-
-
-def to_float(x: np.ndarray) -> np.ndarray:
-    return (x.astype(np.float32) / 255.0)[..., None]
-
-
-def stratified_subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int):
-    """A class-balanced subset of ``size`` images (all of them when size is None or too large)."""
-    if size is None or size >= len(y):
-        return x, y
-    x_sub, _, y_sub, _ = train_test_split(x, y, train_size=size, stratify=y, random_state=seed)
-    return x_sub, y_sub
-
-
-def split(ds: Dataset, val_fraction: float, seed: int, train_subset: int | None = None) -> Split:
-    """Stratified train/validation split of the official training set; the test set stays out.
-
-    ``train_subset`` first draws a stratified subset of the training set, so both parts shrink.
-    """
-    x, y = stratified_subset(ds.x_train, ds.y_train, train_subset, seed)
-    x_tr, x_val, y_tr, y_val = train_test_split(
-        x, y, test_size=val_fraction, stratify=y, random_state=seed)
-    return Split(to_float(x_tr), y_tr.astype(np.int64), to_float(x_val), y_val.astype(np.int64))

@@ -1,0 +1,100 @@
+"""The objective: suggest, build, train with the one callback, log the model; and the loop
+that runs one process's share of a study's trials."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import mlflow
+import optuna
+
+from mnist_opt import data, interrupt
+from mnist_opt.study import objectives
+from mnist_opt.study.config import StudyConfig
+from mnist_opt.study.space import suggest_params
+from mnist_opt.tracking import runs as tracking
+from mnist_opt.training.callbacks import TrialCallback
+from mnist_opt.training.loop import fresh_model, train
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.Run,
+                   verbose: bool = True, freeze: bool = False):
+    """``objective(trial)``: suggest, build, train with the reporting callback, log the model.
+
+    ``freeze`` (recycled worker processes): after each trial's collection, freeze what
+    survives, so the next collection scans one trial's objects, not every graph TensorFlow
+    leaked. A long-lived process must not: frozen objects that die later are never freed.
+    """
+
+    second = cfg.search.second_objective
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        params = suggest_params(trial, cfg)
+        with tracking.trial_run(trial, params, parent):
+            try:
+                model = fresh_model(params, cfg.search.seed + trial.number, freeze)
+                trial.set_user_attr("n_params", model.count_params())
+                mlflow.log_param("n_params", model.count_params())
+                callback = TrialCallback(trial, cfg.search.metric, cfg.training.max_epochs,
+                                         label=f"trial {trial.number}", verbose=verbose,
+                                         report=second is None)  # no pruning with two
+                history = train(model, params, (split.x_train, split.y_train),
+                                (split.x_val, split.y_val), cfg.training.max_epochs, [callback],
+                                seed=cfg.search.seed + trial.number)
+                tracking.log_model(model)
+                trial.set_user_attr("val_accuracy", float(history.history["val_accuracy"][-1]))
+                trial.set_user_attr("epochs", len(history.epoch))
+                value = float(history.history[cfg.search.metric][-1])
+                if second is None:
+                    return value
+                cost = (float(model.count_params()) if second == "n_params"
+                        else objectives.latency_ms(model))
+                mlflow.log_metric(second, cost)
+                return value, cost
+            finally:  # the memory figure of `make bench`, and a leak shows in the MLflow UI
+                rss = rss_mb()
+                trial.set_user_attr("rss_mb", rss)
+                trial.set_user_attr("pid", os.getpid())
+                mlflow.log_metric("rss_mb", rss)
+
+    return objective
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def summary(study: optuna.Study, tolerance: float) -> dict[str, Any]:
+    """Trial counts, and the best trial (by :func:`objectives.pick` with two objectives)."""
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    out: dict[str, Any] = {s: states.count(s) for s in ("complete", "pruned", "fail")}
+    if out["complete"]:
+        best = objectives.pick(study, tolerance)
+        out.update(best_trial=best.number, best_value=best.values[0], best_values=best.values,
+                   best_params=best.params)
+        if objectives.is_multi(study):
+            out["pareto"] = sorted(t.number for t in study.best_trials)
+    return out
+
+
+def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
+             n_trials: int, verbose: bool, callbacks: Sequence = (), freeze: bool = False) -> None:
+    """One worker's share: up to ``n_trials`` trials, stopping early once the study has its target."""
+    study.optimize(
+        make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
+        timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
+        callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
+                   tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
+                   lambda study, trial: interrupt.check(), *callbacks])

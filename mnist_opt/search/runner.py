@@ -1,0 +1,103 @@
+"""The study runner: open (or continue) a study and bring it to its target of finished trials,
+in this process or in worker processes, under one MLflow parent run."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import optuna
+
+from mnist_opt.search.objective import n_finished, optimize, summary
+from mnist_opt.search.progress import StudyProgress
+from mnist_opt.search.samplers import hyperband_brackets, make_pruner, make_sampler
+from mnist_opt.study.config import StudyConfig
+from mnist_opt.tracking import runs as tracking
+from mnist_opt.tracking.storage import make_storage, resolve_storage
+from mnist_opt.training.loop import study_split
+
+
+def open_study(cfg: StudyConfig, storage: str) -> optuna.Study:
+    """Create the study, or continue it (``load_if_exists``); warn when the study file changed."""
+    study = optuna.create_study(
+        study_name=cfg.name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg),
+        directions=cfg.directions, load_if_exists=True)
+    old = study.user_attrs.get("config_digest")
+    if old and old != cfg.digest:
+        optuna.logging.get_logger("mnist_opt").warning(
+            "study file %s changed since this study began (digest %s → %s); trials of both "
+            "versions are mixed in one study", cfg.path, old, cfg.digest)
+    for key, value in {"config_digest": cfg.digest, "dataset": cfg.dataset, "model": cfg.model,
+                       "metric": cfg.search.metric}.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
+              progress: bool = True, workers: int = 1, callbacks: Sequence = ()) -> optuna.Study:
+    """Bring the study to ``cfg.search.n_trials`` finished (complete or pruned) trials.
+
+    ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
+    re-run after an interruption does only what is missing, and one that has them does
+    nothing. A trial that raises is recorded as failed and the search goes on. With
+    ``workers > 1`` the storage, study, MLflow experiment and parent run are created here
+    first (fresh SQLite files race on table creation), then worker processes share them.
+    ``callbacks`` are extra Optuna callbacks (in-process runs only; the benchmark uses one).
+    """
+    url = resolve_storage(storage)
+    # Everything that can be wrong with the input is found before anything is written.
+    split = study_split(cfg)
+    experiment = tracking.open_experiment(cfg.name)
+    study = open_study(cfg, make_storage(url))
+    with warnings.catch_warnings():  # experimental since 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    done = n_finished(study)
+    remaining = cfg.search.n_trials - done
+    if remaining <= 0:
+        print(f"study {cfg.name} already has {done} finished trials (target "
+              f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
+        return study
+    tracking.close_orphans(study, experiment)
+    if done:
+        print(f"continuing study {cfg.name}: {done} finished trials in storage, {remaining} to go",
+              flush=True)
+    extra = {"n_train": len(split.y_train), "n_val": len(split.y_val), "workers": workers,
+             "sampler_class": type(study.sampler).__name__,
+             "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials)}
+    if cfg.search.pruner == "hyperband":
+        extra["hyperband_brackets"] = hyperband_brackets(cfg)
+    start = time.monotonic()
+    with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
+        study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
+        bar = StudyProgress(study, remaining, progress, cfg.search.pick_tolerance)
+        try:
+            if workers == 1:
+                optimize(cfg, study, split, parent, remaining, verbose, [*callbacks, bar.refresh])
+            else:
+                from mnist_opt.search.workers import run_workers
+
+                run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose, bar)
+        finally:
+            bar.close()
+            result = summary(study, cfg.search.pick_tolerance)
+            mlflow.log_metric("wall_s", time.monotonic() - start)
+            for key in ("complete", "pruned", "fail"):
+                mlflow.log_metric(f"n_{key}", result[key])
+            log_plots(study, cfg.objective_names)
+    return study
+
+
+def log_plots(study: optuna.Study, names: list[str] | None = None) -> None:
+    """Optuna's standard plots of the whole study, as artifacts of the active (parent) run."""
+    import tempfile
+
+    from mnist_opt.reporting.plots import write_plots
+
+    with tempfile.TemporaryDirectory(prefix="mnist_opt_plots_") as tmp:
+        skipped = write_plots(study, Path(tmp), plotly_js="cdn", target_names=names)
+        mlflow.log_artifacts(tmp, "plots")
+    if skipped:
+        mlflow.set_tag("plots_skipped", "; ".join(f"{k}: {v}" for k, v in skipped.items())[:5000])
