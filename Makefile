@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results lr-find predict list test bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results lr-find predict list check docs test bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -64,6 +64,12 @@ predict: install  ## classify images: make predict IMAGES="a.png b.jpg" [MODEL=m
 
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list
+
+check: install  ## check study files against the schema and the parameter table: make check [ARGS=FILE]
+	$(BIN)/mnist-opt check $(ARGS)
+
+docs: install  ## regenerate the README's parameter table from mnist_opt/study/params.py
+	$(BIN)/mnist-opt list --params --update README.md
 
 test: install pg browser  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mnist_opt.study.config import StudyConfig, load_config
+from mnist_opt.study.params import table
+from mnist_opt.study.space import suggest_params
 from mnist_opt.errors import StudyFileError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,29 +51,46 @@ def _load(tmp: Path, text: str):
         return load_config(path)
     except StudyFileError as exc:
         assert str(path) in str(exc)  # the one error always names the file
-        return None
+        return exc
+
+
+def _valid_trials(cfg: StudyConfig) -> None:
+    """A file that loads must only ever give trials the builders accept."""
+    params_table = table(cfg.model)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        for name, value in suggest_params(study.ask(), cfg).items():
+            base = name if name in params_table else name.rsplit("_", 1)[0]
+            assert params_table[base].accepts(value), (name, value)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(KEYS), value=values)
-def test_any_mutated_study_file_loads_or_gives_the_one_error(tmp_path, key, value):
+def test_any_mutated_study_file_is_usable_or_refused_at_that_key(tmp_path, key, value):
     text = yaml.safe_dump(_mutate(BASE, key, value), allow_unicode=True)
-    cfg = _load(tmp_path, text)
-    assert cfg is None or isinstance(cfg, StudyConfig)
+    result = _load(tmp_path, text)
+    if isinstance(result, StudyConfig):
+        _valid_trials(result)
+    else:  # refused: the message names the mutated key (space.units of space.units.low)
+        *section, _ = key.split(".")
+        where = ".".join(key.split(".")[:2]) if key.startswith("space.") else key
+        assert f": {where}" in str(result) or (section and f": {section[0]}" in str(result)), \
+            (key, str(result))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200))
 @example(text="?")  # a mapping with a None key: once a TypeError
 @example(text="1: 2\n")
-def test_any_text_loads_or_gives_the_one_error(tmp_path, text):
-    _load(tmp_path, text)
+def test_any_text_is_refused_with_the_one_error(tmp_path, text):
+    # 200 random characters cannot hold dataset, model and space: never a study
+    assert isinstance(_load(tmp_path, text), StudyFileError)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=values)
-def test_any_yaml_document_loads_or_gives_the_one_error(tmp_path, doc):
-    _load(tmp_path, yaml.safe_dump(doc, allow_unicode=True))
+def test_any_yaml_document_is_refused_with_the_one_error(tmp_path, doc):
+    assert isinstance(_load(tmp_path, yaml.safe_dump(doc, allow_unicode=True)), StudyFileError)
 
 
 def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -104,7 +104,7 @@ def test_unknown_space_parameter(tmp_path: Path):
 def test_non_per_layer_parameter_as_list(tmp_path: Path):
     space = dict(VALID["space"], learning_rate=[0.1, 0.01])
     msg = _error(_write(tmp_path, _with(space=space)))
-    assert "'learning_rate' cannot be a per-layer list" in msg
+    assert "only per-layer parameters (units, dropout) may be lists" in msg
     assert "units" in msg
 
 
@@ -112,14 +112,14 @@ def test_low_above_high(tmp_path: Path):
     space = dict(VALID["space"], units={"low": 64, "high": 32})
     msg = _error(_write(tmp_path, _with(space=space)))
     assert "space.units" in msg
-    assert "low (64.0) must not exceed high (32.0)" in msg
+    assert "low (64) is above high (32)" in msg
 
 
 def test_log_range_needs_positive_low(tmp_path: Path):
     space = dict(VALID["space"], learning_rate={"low": 0.0, "high": 0.1, "log": True})
     msg = _error(_write(tmp_path, _with(space=space)))
     assert "space.learning_rate" in msg
-    assert "log ranges need low > 0" in msg
+    assert "a log range needs low > 0" in msg
 
 
 def test_not_a_mapping(tmp_path: Path):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from mnist_opt import interrupt
-from mnist_opt.study.config import find_study, known_studies, load_config, studies_dir, with_overrides
+from mnist_opt.cli import check
 from mnist_opt.errors import MnistOptError, StudyFileError
+from mnist_opt.study.config import find_study, known_studies, load_config, studies_dir, with_overrides
 
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +37,39 @@ def _config(args: argparse.Namespace):
                           args.train_subset)
 
 
+def _print_rows(rows: list[dict], cols: list[str]) -> None:
+    """Rows as a plain-text table with aligned columns."""
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+
+
+def _list_params(args: argparse.Namespace) -> int:
+    """The parameter table: what a study file's space may name."""
+    from mnist_opt.study import docs
+
+    if args.update:
+        from mnist_opt.textblocks import replace_between
+
+        replace_between(Path(args.update), docs.START, docs.END, docs.markdown())
+        print(f"wrote the parameter table into {args.update}")
+    elif args.format == "markdown":
+        print(docs.markdown(), end="")
+    elif args.format == "json":
+        print(json.dumps(docs.rows(), indent=2))
+    else:  # the long choice lists (activations) are in full in -f json and the README
+        rows = [{k: (v if len(str(v)) <= 48 else f"{str(v)[:45]}...") for k, v in row.items()}
+                for row in docs.rows()]
+        _print_rows(rows, list(rows[0]))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """List the studies in studies/ with their dataset, model, sampler and pruner."""
+    """List the studies in studies/ (dataset, model, sampler, pruner), or with --params the
+    parameters a study file may search."""
+    if args.params:
+        return _list_params(args)
     rows = []
     for name in known_studies():
         try:
@@ -50,11 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["name", "dataset", "model", "sampler", "pruner", "n_trials", "description"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+    _print_rows(rows, ["name", "dataset", "model", "sampler", "pruner", "n_trials", "description"])
     return 0
 
 
@@ -226,7 +255,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "list": cmd_list, "study": cmd_study, "retrain": cmd_retrain, "report": cmd_report,
+    "list": cmd_list, "check": check.cmd_check, "study": cmd_study, "retrain": cmd_retrain, "report": cmd_report,
     "results": cmd_results, "predict": cmd_predict, "lr-find": cmd_lr_find}
 
 
@@ -238,7 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", help="one line per epoch")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         if name == "list":
-            p.add_argument("-f", "--format", choices=["table", "json"], default="table")
+            p.add_argument("-f", "--format", choices=["table", "json", "markdown"],
+                           default="table", help="markdown: with --params only")
+            p.add_argument("--params", action="store_true",
+                           help="list the parameter table instead of the studies")
+            p.add_argument("--update", metavar="FILE", help="with --params: write the table "
+                           "between the params markers of FILE (README.md)")
+        elif name == "check":
+            check.add_arguments(p)
         elif name == "results":
             p.add_argument("names", nargs="*", metavar="NAME", help="studies (default: all)")
             p.add_argument("--update", metavar="FILE",

@@ -6,14 +6,13 @@ study file.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.study.config import StudyConfig, find_study, known_studies
-from mnist_opt.errors import MnistOptError
+from mnist_opt.textblocks import replace_between
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -85,8 +84,4 @@ def markdown(rows: list[dict]) -> str:
 
 def update_file(path: Path, table: str) -> None:
     """Replace the text between the results markers in ``path`` (the README) with ``table``."""
-    text = path.read_text()
-    if START not in text or END not in text:
-        raise MnistOptError(f"{path} has no {START} … {END} markers to put the table between")
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    path.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
+    replace_between(path, START, END, table)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+                      model_validator)
 
 from mnist_opt.errors import StudyFileError
+from mnist_opt.study.checks import Problem, check_space, did_you_mean
+from mnist_opt.study.params import FAMILIES, TABLE_VERSION, table
 
 Scalar = Union[bool, int, float, str]
 
@@ -39,32 +42,14 @@ class Choice(_Strict):
 
 
 class Range(_Strict):
-    """A numeric range: ``{low, high, log?, step?, grid?}``; ints when low and high are ints."""
+    """A numeric range: ``{low, high, log?, step?, grid?}``. ``is_int`` comes from the
+    parameter table (set on load), not from how the bounds are written."""
     low: float
     high: float
     log: bool = False
     step: Optional[float] = None
     grid: Optional[list[float]] = None  # the values GridSampler tries; required for grid studies
     is_int: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _infer_int(cls, value: Any) -> Any:
-        if isinstance(value, dict) and "is_int" not in value:
-            ints = all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
-                       for k in ("low", "high"))
-            value = {**value, "is_int": ints}
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> "Range":
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("log ranges need low > 0")
-        if self.log and self.step is not None:
-            raise ValueError("a range cannot have both log and step")
-        return self
 
 
 def _spec_kind(value: Any) -> str:
@@ -81,16 +66,6 @@ ParamSpec = Annotated[Union[Annotated[Choice, Tag("choice")], Annotated[Range, T
 SpaceEntry = Annotated[Union[Annotated[Choice, Tag("choice")], Annotated[Range, Tag("range")],
                              Annotated[Scalar, Tag("fixed")],
                              Annotated[list[ParamSpec], Tag("per-layer")]], Discriminator(_spec_kind)]
-
-MODEL_PARAMS = {
-    "mlp": {"n_layers", "units", "dropout", "batch_norm", "activation"},
-    "cnn": {"n_blocks", "filters", "kernel_size", "padding", "pooling", "batch_norm", "activation",
-            "conv_dropout", "head", "dense_units", "dropout", "convs_per_block", "augment"},
-}
-TRAINING_PARAMS = {"optimizer", "learning_rate", "batch_size", "lr_schedule", "lr_decay",
-                   "weight_decay"}
-PER_LAYER = {"units", "dropout", "filters"}  # may be a list: one spec per layer/block
-
 
 class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -139,8 +114,9 @@ class Reference(_Strict):
 class Baseline(_Strict):
     """A fixed, well-known configuration that ``retrain`` also trains, so the gain is shown.
 
-    ``params`` uses the study file's parameter names with fixed values only; anything left
-    out takes mnist_opt's default (``space.DEFAULTS``), not the study's search range.
+    ``params`` uses the study file's parameter names with fixed values only, checked against
+    the parameter table like the space; anything left out takes the table's default, not
+    the study's search range.
     """
     description: str
     params: dict[str, Union[Scalar, list[Scalar]]] = {}
@@ -161,27 +137,6 @@ class StudyConfig(_Strict):
     path: Optional[Path] = None
     digest: str = ""
 
-    @field_validator("space")
-    @classmethod
-    def _known_params(cls, space: dict, info) -> dict:
-        allowed = MODEL_PARAMS[info.data["model"]] | TRAINING_PARAMS if "model" in info.data else None
-        if allowed is None:
-            return space
-        for key, spec in space.items():
-            if key not in allowed:
-                raise ValueError(f"unknown parameter {key!r} for model "
-                                 f"{info.data['model']!r}; allowed: {', '.join(sorted(allowed))}")
-            if isinstance(spec, list) and key not in PER_LAYER:
-                raise ValueError(f"{key!r} cannot be a per-layer list; only {sorted(PER_LAYER)} can")
-        return space
-
-    @field_validator("baseline")
-    @classmethod
-    def _baseline_params(cls, baseline: Optional[Baseline], info) -> Optional[Baseline]:
-        if baseline is not None and "space" in info.data:
-            cls._known_params(baseline.params, info)
-        return baseline
-
     @model_validator(mode="after")
     def _two_objectives_need_no_pruner(self) -> "StudyConfig":
         if self.search.second_objective and self.search.pruner != "none":
@@ -200,17 +155,6 @@ class StudyConfig(_Strict):
         second = ["minimize"] if self.search.second_objective else []
         return [self.search.direction, *second]
 
-    @model_validator(mode="after")
-    def _grid_needs_values(self) -> "StudyConfig":
-        if self.search.sampler != "grid":
-            return self
-        for key, spec in self.space.items():
-            for item in spec if isinstance(spec, list) else [spec]:
-                if isinstance(item, Range) and item.grid is None and not (item.is_int and item.step):
-                    raise ValueError(f"space.{key}: the grid sampler needs 'grid: [values]' "
-                                     "for float ranges (or an int range with step)")
-        return self
-
     @property
     def search_subset(self) -> int | None:
         """The training images a trial draws from: the smaller of the two subsets."""
@@ -227,34 +171,82 @@ class StudyConfig(_Strict):
         return self.training.retrain_epochs or self.training.max_epochs
 
 
+class InvalidStudyFile(StudyFileError):
+    """A study file with problems: all of them, each with its key path, value and what is
+    allowed (``problems`` for ``mnist-opt check -f json``)."""
+
+    def __init__(self, source: Path | str, problems: list[Problem]):
+        self.source, self.problems = str(source), problems
+        super().__init__("\n".join(dict.fromkeys(p.line(str(source)) for p in problems)))
+
+
 _TAGS = {"choice", "range", "fixed", "per-layer"}
+_OURS = {"is_int", "name", "path", "digest"}  # keys the loader adds; never shown as the user's
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
     """The keys allowed where an unknown key was found, for the error message."""
-    if loc and loc[0] == "space":
-        return sorted(Choice.model_fields if "choice" in loc else set(Range.model_fields) - {"is_int"})
     section = {"data": DataConfig, "search": SearchConfig, "training": TrainingConfig,
                "reference": Reference, "baseline": Baseline}
     model = section.get(loc[0]) if len(loc) == 2 else StudyConfig
-    return sorted(set(model.model_fields) - {"name", "path", "digest"}) if model else []
+    return sorted(set(model.model_fields) - _OURS) if model else []
 
 
-def _format_errors(path: Path | str, err: ValidationError) -> str:
-    lines = []
+def _pydantic_problems(err: ValidationError) -> list[Problem]:
+    problems = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         shown = ".".join(p for p in loc if p not in _TAGS and not p.startswith(("bool", "int",
                                                                                   "float", "str")))
-        msg = e["msg"]
+        msg, value = e["msg"], e.get("input")
         if e["type"] == "extra_forbidden":
-            msg = f"unknown field; allowed: {', '.join(_allowed_keys(loc))}"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
-        if isinstance(e.get("input"), dict):  # show the user's keys, not the ones we add
-            ours = {"is_int", "name", "path", "digest"}
-            got = f" (got {({k: v for k, v in e['input'].items() if k not in ours})!r})"
-        lines.append(f"{path}: {shown or '(top level)'}: {msg}{got}")
-    return "\n".join(dict.fromkeys(lines))
+            allowed = _allowed_keys(loc)
+            msg = f"unknown field{did_you_mean(loc[-1], allowed)}; allowed: {', '.join(allowed)}"
+        elif e["type"] == "literal_error":
+            msg += did_you_mean(value, re.findall(r"'([^']*)'", e["ctx"]["expected"]))
+        if isinstance(value, dict):  # show the user's keys, not the ones we add
+            value = {k: v for k, v in value.items() if k not in _OURS}
+        got = "" if e["type"] == "missing" else f" (got {value!r})"
+        problems.append(Problem(shown or "(top level)", f"{msg}{got}"))
+    return problems
+
+
+def _model(doc: dict) -> str | None:
+    """The document's model family, if it names a known one."""
+    model = doc.get("model")
+    return model if isinstance(model, str) and model in FAMILIES else None
+
+
+def _table_problems(doc: dict) -> list[Problem]:
+    """The space and the baseline's params against the parameter table."""
+    model, space, baseline = _model(doc), doc.get("space"), doc.get("baseline")
+    if model is None:
+        return []  # the schema reports the model; nothing can be said of its parameters
+    search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
+    problems = check_space(model, space, search.get("sampler", "tpe")) if isinstance(space, dict) else []
+    if isinstance(baseline, dict) and isinstance(baseline.get("params"), dict):
+        problems += check_space(model, baseline["params"], None, "baseline.params", fixed=True)
+    return problems
+
+
+def _key(path: str) -> str:
+    """``space.units`` of ``space.units[1].low``: the parameter a problem is about."""
+    parts = re.split(r"[.\[]", path)
+    return ".".join(parts[:3] if parts[:2] == ["baseline", "params"] else parts[:2])
+
+
+def _typed(doc: dict) -> dict:
+    """The document with each range's ``is_int`` taken from the parameter table."""
+    params = table(doc["model"])
+
+    def typed(key: str, spec: Any) -> Any:
+        if isinstance(spec, list):
+            return [typed(key, item) for item in spec]
+        if isinstance(spec, dict) and "choices" not in spec:
+            return {**spec, "is_int": params[key].kind == "int"}
+        return spec
+
+    return {**doc, "space": {k: typed(k, v) for k, v in doc["space"].items()}}
 
 
 # Sections that do not change what a search does: editing them keeps the study's digest.
@@ -263,9 +255,33 @@ NOT_SEARCH = ("description", "reference", "baseline")
 
 def search_digest(doc: dict) -> str:
     """A short hash of the parts of a study file that shape the search (not comments or
-    the baseline), so a study continued after such an edit is not called a changed one."""
+    the baseline) and of the parameter table's version, so a study continued after such an
+    edit is not called a changed one, and a change of the table's meaning is detected."""
     search = {str(k): v for k, v in doc.items() if k not in NOT_SEARCH}
+    search["parameter_table_version"] = TABLE_VERSION
     return hashlib.sha256(json.dumps(search, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def validate(doc: dict, source: Path) -> StudyConfig:
+    """A study file's document, checked against the schema and the parameter table at once:
+    :class:`InvalidStudyFile` lists every problem, or the valid config comes back."""
+    problems = _table_problems(doc)
+    known = _model(doc) is not None and isinstance(doc.get("space"), dict)
+    try:
+        # model_validate, not StudyConfig(**doc): YAML keys need not be strings ("?" is {None: None})
+        cfg = StudyConfig.model_validate({**(_typed(doc) if known and not problems else doc),
+                                          "name": source.stem, "path": source.resolve(),
+                                          "digest": search_digest(doc)})
+    except ValidationError as err:  # less what is about a parameter the table already named
+        schema = _pydantic_problems(err)
+        named = {_key(p.path) for p in problems}
+        # an unknown model: its parameters cannot be judged, the model's own error says why
+        skip = () if _model(doc) else ("space.", "baseline.params.")
+        problems += [p for p in schema if _key(p.path) not in named and not p.path.startswith(skip)]
+        problems = problems or schema
+    if problems:
+        raise InvalidStudyFile(source, problems)
+    return cfg
 
 
 def load_config(path: Path | str) -> StudyConfig:
@@ -283,12 +299,7 @@ def load_config(path: Path | str) -> StudyConfig:
         raise StudyFileError(f"{path}: a study file must be a YAML mapping, got {type(doc).__name__}")
     if "name" in doc or "path" in doc or "digest" in doc:
         raise StudyFileError(f"{path}: 'name', 'path' and 'digest' are set from the file; remove them")
-    try:
-        # model_validate, not StudyConfig(**doc): YAML keys need not be strings ("?" is {None: None})
-        return StudyConfig.model_validate({**doc, "name": path.stem, "path": path.resolve(),
-                                           "digest": search_digest(doc)})
-    except ValidationError as err:
-        raise StudyFileError(_format_errors(path, err)) from None
+    return validate(doc, path)
 
 
 def studies_dir() -> Path:
@@ -331,4 +342,5 @@ def with_overrides(cfg: StudyConfig, n_trials: int | None = None, timeout: int |
     try:  # validated like the file itself: an override cannot slip past a bound
         return StudyConfig.model_validate(doc)
     except ValidationError as err:
-        raise StudyFileError(_format_errors(f"{cfg.path} with command-line overrides", err)) from None
+        raise InvalidStudyFile(f"{cfg.path} with command-line overrides",
+                               _pydantic_problems(err)) from None

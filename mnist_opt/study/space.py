@@ -11,17 +11,14 @@ from typing import Any
 import optuna
 
 from mnist_opt.study.config import Choice, ParamSpec, Range, StudyConfig
+from mnist_opt.study.params import FAMILIES, PARAMS, TRAINING, Param, layer_name, params_of, table
 
-# Values used when a study file leaves a parameter out.
+# Derived from the parameter table: a parameter's default and the per-layer layout.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"n_layers": 2, "units": 128, "dropout": 0.0, "batch_norm": False, "activation": "relu"},
-    "cnn": {"n_blocks": 2, "filters": 32, "kernel_size": 3, "padding": "same", "pooling": "max",
-            "batch_norm": False, "activation": "relu", "conv_dropout": 0.0, "head": "dense",
-            "dense_units": 128, "dropout": 0.0, "convs_per_block": 1, "augment": 0.0},
-    "training": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128,
-                 "lr_schedule": "none", "lr_decay": 0.9, "weight_decay": 1e-4},
-}
-DEPTH = {"mlp": ("n_layers", "l", ("units", "dropout")), "cnn": ("n_blocks", "b", ("filters",))}
+    family: {p.name: p.default for p in PARAMS if family in p.families}
+    for family in (*FAMILIES, TRAINING)}
+DEPTH = {model: (f.depth, f.suffix, tuple(p.name for p in params_of(model) if p.per_layer))
+         for model, f in FAMILIES.items()}
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
@@ -35,42 +32,49 @@ def _suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
     return spec  # a fixed value: part of the params, not searched
 
 
-def _spec(cfg: StudyConfig, key: str, group: str) -> ParamSpec | list[ParamSpec]:
-    return cfg.space.get(key, DEFAULTS[group][key])
+def _spec(cfg: StudyConfig, key: str) -> ParamSpec | list[ParamSpec]:
+    return cfg.space.get(key, table(cfg.model)[key].default)
 
 
 def _layer_spec(cfg: StudyConfig, key: str, i: int) -> ParamSpec:
     """Layer ``i``'s spec of a per-layer parameter: one for all, or a list (last one repeats)."""
-    spec = _spec(cfg, key, cfg.model)
+    spec = _spec(cfg, key)
     return spec[min(i, len(spec) - 1)] if isinstance(spec, list) else spec
+
+
+def _layers(cfg: StudyConfig, depth: int) -> list[tuple[str, ParamSpec]]:
+    """``(units_l0, spec), (dropout_l0, spec), (units_l1, …)``: the per-layer parameters of
+    ``depth`` layers, layer by layer."""
+    per_layer = DEPTH[cfg.model][2]
+    return [(layer_name(cfg.model, key, i), _layer_spec(cfg, key, i))
+            for i in range(depth) for key in per_layer]
+
+
+def _exists(p: Param, params: dict[str, Any]) -> bool:
+    """A conditional parameter exists only while its condition holds (``lr_decay`` needs a
+    schedule), so samplers never tune a parameter that does nothing."""
+    return p.when is None or params.get(p.when[0]) in p.when[1]
 
 
 def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
     """Sample one configuration; returns the full params dict that ``build_model`` takes."""
     params: dict[str, Any] = {}
-    depth_key, suffix, per_layer = DEPTH[cfg.model]
-    params[depth_key] = int(_suggest(trial, depth_key, _spec(cfg, depth_key, cfg.model)))
-    for i in range(params[depth_key]):
-        for key in per_layer:
-            params[f"{key}_{suffix}{i}"] = _suggest(trial, f"{key}_{suffix}{i}",
-                                                    _layer_spec(cfg, key, i))
-    for key in DEFAULTS[cfg.model]:
-        if key != depth_key and key not in per_layer:
-            params[key] = _suggest(trial, key, _spec(cfg, key, cfg.model))
-    for key in DEFAULTS["training"]:
-        if key == "lr_decay" and params.get("lr_schedule") != "exponential":
-            continue  # conditional: only exists with a schedule
-        if key == "weight_decay" and params.get("optimizer") != "adamw":
+    depth_key = FAMILIES[cfg.model].depth
+    for p in params_of(cfg.model):
+        if p.per_layer or not _exists(p, params):
             continue
-        params[key] = _suggest(trial, key, _spec(cfg, key, "training"))
+        params[p.name] = _suggest(trial, p.name, _spec(cfg, p.name))
+        if p.name == depth_key:
+            params[p.name] = int(params[p.name])
+            params.update((name, _suggest(trial, name, spec))
+                          for name, spec in _layers(cfg, params[p.name]))
     return params
 
 
 def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
     """Every searched parameter's grid values, for ``optuna.samplers.GridSampler``."""
     grid: dict[str, list[Any]] = {}
-    depth_key, suffix, per_layer = DEPTH[cfg.model]
-    depth_spec = _spec(cfg, depth_key, cfg.model)
+    depth_key = FAMILIES[cfg.model].depth
 
     def add(name: str, spec: ParamSpec) -> None:
         if isinstance(spec, Choice):
@@ -81,20 +85,18 @@ def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
             else:
                 grid[name] = list(range(int(spec.low), int(spec.high) + 1, int(spec.step or 1)))
 
-    add(depth_key, depth_spec)
-    max_depth = max(grid.get(depth_key, [depth_spec]))
-    for i in range(int(max_depth)):
-        for key in per_layer:
-            add(f"{key}_{suffix}{i}", _layer_spec(cfg, key, i))
-    for group in (cfg.model, "training"):
-        for key in DEFAULTS[group]:
-            if key != depth_key and key not in per_layer:
-                add(key, _spec(cfg, key, group))
+    for p in params_of(cfg.model):
+        if p.per_layer:
+            continue
+        add(p.name, _spec(cfg, p.name))
+        if p.name == depth_key:
+            for name, spec in _layers(cfg, int(max(grid.get(depth_key, [_spec(cfg, depth_key)])))):
+                add(name, spec)
     return grid
 
 
 def baseline_params(cfg: StudyConfig) -> dict[str, Any]:
-    """The study's baseline as a full params dict: its fixed values over :data:`DEFAULTS`."""
+    """The study's baseline as a full params dict: its fixed values over the table's defaults."""
     if cfg.baseline is None:
         raise ValueError(f"study {cfg.name!r} names no baseline")
     fixed = cfg.model_copy(update={"space": dict(cfg.baseline.params)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -36,8 +36,17 @@ def fresh_model(params: dict[str, Any], seed: int, freeze: bool = False) -> kera
     return build_model(params)
 
 
+# The optimizers a study may name (the parameter table's `optimizer` choices; a test keeps
+# the two in step): Adam, SGD with Nesterov momentum, AdamW with decoupled weight decay.
+OPTIMIZERS: dict[str, Callable[[Any, dict[str, Any]], keras.optimizers.Optimizer]] = {
+    "adam": lambda lr, params: keras.optimizers.Adam(lr),
+    "sgd": lambda lr, params: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+    "adamw": lambda lr, params: keras.optimizers.AdamW(lr, weight_decay=params["weight_decay"]),
+}
+
+
 def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam, SGD with Nesterov momentum or AdamW, with an optional per-epoch exponential decay.
+    """The params' optimizer, with an optional per-epoch exponential decay.
 
     The schedule decays by ``lr_decay`` once per epoch, as in the well-known MNIST codelab.
     """
@@ -46,13 +55,9 @@ def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimi
         lr = keras.optimizers.schedules.ExponentialDecay(
             lr, decay_steps=steps_per_epoch, decay_rate=params["lr_decay"], staircase=True)
     name = params["optimizer"]
-    if name == "adam":
-        return keras.optimizers.Adam(lr)
-    if name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
-    if name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=params["weight_decay"])
-    raise ValueError(f"unknown optimizer {name!r}; allowed: adam, sgd, adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](lr, params)
 
 
 _TENSORS: dict[int, tuple[np.ndarray, tf.Tensor]] = {}
