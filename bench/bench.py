@@ -34,6 +34,7 @@ import keras  # noqa: E402
 import keras_tuner as kt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+import psutil  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from mnist_opt import data  # noqa: E402
@@ -254,8 +255,7 @@ def _machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor())
-    mem = next((int(line.split()[1]) / 2**20 for line in
-                Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    mem = psutil.virtual_memory().total / 2**30
     versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}" for pkg in
                          ("tensorflow", "keras", "keras-tuner", "optuna", "mlflow", "numpy"))
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; "

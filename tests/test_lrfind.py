@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ruamel.yaml import YAML
 
 from mnist_opt.training import lrfind
 from mnist_opt.cli import main
@@ -110,30 +112,163 @@ def test_yaml_float_reads_back_as_a_float():
         text = lrfind.yaml_float(value)
         assert isinstance(yaml.safe_load(text), float) and float(text) == pytest.approx(value)
     assert lrfind.yaml_float(3.2e-5) == "3.2e-5"  # the shipped files' style (1.0e-4)
+    # Why: ruamel.yaml (YAML 1.2) spells a plain 1e-5 so that PyYAML (YAML 1.1) reads a string.
+    out = io.StringIO()
+    YAML().dump({"lr": 1e-5}, out)
+    assert yaml.safe_load(out.getvalue()) == {"lr": "1e-05"}
+
+
+# Comments above, beside and below the learning rate, a blank line, a long flow line.
+COMMENTED = """\
+# lr-find --apply test study: every comment must survive
+description: commented study  # inline, top level
+dataset: mnist
+model: mlp
+
+space:
+  # above the depth
+  n_layers: 1
+  units: 64
+  optimizer: adam
+  # the range lr-find sets
+  learning_rate: {low: 1.0e-4, high: 1.0e-1, log: true}  # searched
+  # below the learning rate
+  batch_size: 32
+baseline:
+  description: "quickstart MLP"  # quoted
+  params: {n_layers: 1, units: 128, dropout: 0.2, activation: relu, optimizer: adam, learning_rate: 1.0e-3, batch_size: 32}
+# the end
+"""
+
+BLOCK = """\
+dataset: mnist
+model: mlp
+space:
+    n_layers: 1
+    units: 64
+    learning_rate:    # searched
+        # bounds below
+        low: 1.0e-4   # bottom
+        high: 1.0e-1  # top
+        log: true
+    # after
+    batch_size: 32
+"""
+
+
+def _lr(path: Path) -> dict:
+    """``space.learning_rate`` as PyYAML (the study loader) reads it."""
+    return yaml.safe_load(path.read_text())["space"]["learning_rate"]
+
+
+def test_apply_keeps_comments_and_changes_only_the_numbers(tmp_path):
+    path = tmp_path / "commented.yaml"
+    path.write_text(COMMENTED)
+    old, new = lrfind.apply_range(path, 2.5e-5, 2.5e-3)
+    assert path.read_text() == COMMENTED.replace("{low: 1.0e-4, high: 1.0e-1, log: true}",
+                                                 "{low: 2.5e-5, high: 2.5e-3, log: true}")
+    assert old == ["  learning_rate: {low: 1.0e-4, high: 1.0e-1, log: true}  # searched"]
+    assert new == ["  learning_rate: {low: 2.5e-5, high: 2.5e-3, log: true}  # searched"]
+    lr = _lr(path)
+    assert lr == {"low": 2.5e-5, "high": 2.5e-3, "log": True}
+    assert type(lr["low"]) is float and type(lr["high"]) is float
+    spec = load_config(path).space["learning_rate"]
+    assert (spec.low, spec.high, spec.log) == (2.5e-5, 2.5e-3, True)
 
 
 def test_apply_block_style_changes_only_the_bounds(tmp_path):
-    text = SMALL.replace("  learning_rate: {low: 1.0e-4, high: 1.0e-1, log: true}  # searched\n",
-                         "  learning_rate:   # searched\n    low: 1.0e-4\n    high: 0.1  # top\n"
-                         "    log: true\n")
     path = tmp_path / "block.yaml"
+    path.write_text(BLOCK)
+    old, new = lrfind.apply_range(path, 1e-5, 1e-3)  # Python spells these 1e-05: no dot
+    assert path.read_text() == BLOCK.replace("low: 1.0e-4", "low: 1.0e-5").replace(
+        "high: 1.0e-1", "high: 1.0e-3")  # 4-space indentation, comments and all
+    assert old == ["        low: 1.0e-4   # bottom", "        high: 1.0e-1  # top"]
+    assert new == ["        low: 1.0e-5   # bottom", "        high: 1.0e-3  # top"]
+    lr = _lr(path)
+    assert lr == {"low": 1e-5, "high": 1e-3, "log": True} and type(lr["low"]) is float
+
+
+HEAD = "dataset: mnist\nmodel: mlp\n"
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "space: {n_layers: 1, learning_rate: {low: 1.0e-4, high: 0.1}}  # all flow\n",
+    "---\n" + HEAD + "space:\n  learning_rate: {low: 1.0e-4, high: 0.1}\n",
+    HEAD + "space:\n  units:\n    - 64\n    - 32\n  learning_rate: {low: 1.0e-4, high: 0.1}\n",
+    HEAD + "space:\n  learning_rate:\n    low: 1.0e-4\n    high: 0.1  # wider now\n",
+    HEAD + "space:\n  learning_rate: {low: 1.0e-4, high: 0.1}",  # no newline at the end
+], ids=["flow-space", "doc-start", "indented-list", "block", "no-final-newline"])
+def test_apply_handles_other_layouts(tmp_path, text):
+    path = tmp_path / "layout.yaml"
     path.write_text(text)
     old, new = lrfind.apply_range(path, 2.5e-5, 2.5e-3)
-    assert old == ["    low: 1.0e-4", "    high: 0.1  # top"]
-    assert new == ["    low: 2.5e-5", "    high: 2.5e-3  # top"]
-    spec = load_config(path).space["learning_rate"]
-    assert (spec.low, spec.high, spec.log) == (2.5e-5, 2.5e-3, True)
+    after = path.read_text()
+    assert old and len(new) == len(old) and old != new
+    assert all("2.5e-" in line for line in new)
+    # Every other line is byte for byte the same, in the same order; so is the file's end.
+    assert [line for line in text.splitlines() if line not in old] == \
+           [line for line in after.splitlines() if line not in new]
+    assert after.endswith("\n") == text.endswith("\n")
+    assert "# wider now" not in text or "high: 2.5e-3 # wider now" in after  # kept beside it
+    assert _lr(path) == {"low": 2.5e-5, "high": 2.5e-3}
+
+
+@pytest.mark.parametrize("lr, why", [
+    ("learning_rate:\n      low: 1.0e-4\n      high: 0.1\n", "'      low: 1.0e-4'"),  # 2, then 4
+    ("learning_rate: {low: 1.0e-4,\n                  high: 0.1}\n", "over two lines"),
+    ("learning_rate: {low: 1.0e-4,   high: 0.1}\n", "extra spaces"),
+], ids=["mixed-indent", "two-line-flow", "spaced-flow"])
+def test_apply_refuses_a_file_it_would_reformat(tmp_path, lr, why):
+    text = HEAD + "space:\n  n_layers: 1\n  " + lr
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    cfg = load_config(path)  # a valid study file ...
+    with pytest.raises(StudyFileError, match="would also rewrite .*by hand"):
+        lrfind.check_appliable(cfg)  # ... refused before any training
+    with pytest.raises(StudyFileError, match="by hand"):
+        lrfind.apply_range(path, 1e-5, 1e-3)
+    assert path.read_text() == text
 
 
 def test_apply_refuses_what_it_cannot_edit_and_restores_on_failure(tmp_path):
     path = tmp_path / "flow.yaml"
     path.write_text(SMALL.replace("space:\n", "space: {batch_size: 32}\nx:\n"))
-    with pytest.raises(StudyFileError, match="by hand"):
+    with pytest.raises(StudyFileError, match="not a mapping with low: and high:.*by hand"):
         lrfind.apply_range(path, 1e-5, 1e-3)
     path.write_text(SMALL)
     with pytest.raises(StudyFileError, match="left the file as it was"):
         lrfind.apply_range(path, 1e-3, 1e-5)  # low > high: invalid, so restored
     assert path.read_text() == SMALL
+
+
+def test_apply_to_every_shipped_study_changes_one_line(tmp_path):
+    edited = 0
+    for shipped in sorted((ROOT / "studies").glob("*.yaml")):
+        spec = load_config(shipped).space.get("learning_rate")
+        if not (isinstance(spec, Range) and spec.grid is None):
+            continue
+        path = tmp_path / shipped.name
+        shutil.copy(shipped, path)
+        lrfind.check_appliable(load_config(path))
+        old, new = lrfind.apply_range(path, 2.5e-5, 2.5e-3)
+        before, after = shipped.read_text().splitlines(), path.read_text().splitlines()
+        diff = [line for line in difflib.unified_diff(before, after, n=0, lineterm="")
+                if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+        assert diff == [f"-{old[0]}", f"+{new[0]}"], shipped.name
+        assert new[0].startswith("  learning_rate: {low: 2.5e-5, high: 2.5e-3"), shipped.name
+        edited += 1
+    assert edited >= 5
+
+
+def test_apply_refuses_an_uneditable_file_before_training(stores, tmp_path, monkeypatch, capsys):
+    text = SMALL.replace("  learning_rate: {low: 1.0e-4, high: 1.0e-1, log: true}  # searched\n",
+                         "  learning_rate:\n      low: 1.0e-4\n      high: 0.1\n")
+    folder = _studies(tmp_path, monkeypatch, small=text)
+    rc = main(["lr-find", "small", "--train-subset", "1000", "--apply", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "edit the learning_rate bounds by hand" in err
+    assert (folder / "small.yaml").read_text() == text
+    assert not (tmp_path / "reports").exists()
 
 
 # --- real range tests -------------------------------------------------------------------

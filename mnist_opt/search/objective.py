@@ -18,12 +18,10 @@ from mnist_opt.training.loop import fresh_model, train
 
 
 def rss_mb() -> float:
-    """This process's resident memory in MB (Linux ``/proc``; NaN elsewhere)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return float("nan")
+    """This process's resident memory in MB (MiB), from psutil."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.Run,

@@ -24,6 +24,9 @@ def open_study(cfg: StudyConfig, storage: str) -> optuna.Study:
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg),
         directions=cfg.directions, load_if_exists=True)
+    with warnings.catch_warnings():  # experimental since 3.2; names the values in plots
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(cfg.objective_names)
     old = study.user_attrs.get("config_digest")
     if old and old != cfg.digest:
         optuna.logging.get_logger("mnist_opt").warning(

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
+import io
 import json
 import math
 import os
-import re
 import socket
 import warnings
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +42,8 @@ import matplotlib
 import mlflow
 import numpy as np
 import optuna
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.util import load_yaml_guess_indent
 
 matplotlib.use("Agg")  # files only, never a window
 
@@ -318,7 +322,7 @@ def check_appliable(cfg: StudyConfig) -> None:
     """Refuse --apply before any training when the space has no learning_rate range."""
     spec = cfg.space.get("learning_rate")
     if isinstance(spec, Range) and spec.grid is None:
-        _locate(cfg.path)  # a layout we cannot edit is refused now, not after the test
+        _round_trip(cfg.path)  # a file we cannot edit is refused now, not after the test
         return
     what = ("not searched (the default 1e-3 is used)" if spec is None else
             "a range with a grid: edit its grid values by hand" if isinstance(spec, Range) else
@@ -329,73 +333,87 @@ def check_appliable(cfg: StudyConfig) -> None:
                          "or run without --apply")
 
 
-_SPACE = re.compile(r"space:\s*(#.*)?$")
-_NUMBER = r"[-+.0-9eE]+"
+# How a study file may indent (mapping, block sequence, dash offset): the guess from
+# ruamel.yaml.util first, then the common layouts; the first that writes the file back unchanged.
+_LAYOUTS = ((2, 2, 0), (2, 4, 2), (4, 4, 0), (4, 6, 2))
 
 
-def _locate(path: Path | None) -> list[int]:
-    """The numbers of the lines holding the bounds of ``learning_rate`` under ``space:``: its
-    flow-style line, or its block-style ``low:`` and ``high:`` lines."""
+def _round_trip(path: Path | None) -> tuple[str, YAML, Any]:
+    """The study file's text, a ruamel.yaml round-trip instance that writes it back byte for
+    byte (comments, key order, flow or block style, quotes, indentation), and the loaded document.
+
+    A file that no such instance reproduces is refused, never reformatted.
+    """
     if path is None:
         raise StudyFileError("this study has no file to apply the range to")
-    lines = path.read_text().splitlines()
-    refuse = StudyFileError(
-        f"{path}: cannot find a block-style 'space:' section holding 'learning_rate: "
-        "{low: …, high: …}' (or low:/high: lines below it); edit the bounds by hand")
-    start = next((i for i, line in enumerate(lines) if _SPACE.match(line)), None)
-    if start is None:
-        raise refuse
-    block = []
-    for i in range(start + 1, len(lines)):
-        if lines[i].strip() and not lines[i][0].isspace() and not lines[i].startswith("#"):
-            break  # the next top-level key
-        block.append(i)
-    entries = [i for i in block if lines[i].strip() and not lines[i].lstrip().startswith("#")]
-    if not entries:
-        raise refuse
-    indent = len(lines[entries[0]]) - len(lines[entries[0]].lstrip())
-    hit = [i for i in entries if re.match(rf"\s{{{indent}}}learning_rate:", lines[i])]
-    if len(hit) != 1:
-        raise refuse
-    rest = lines[hit[0]].split(":", 1)[1].split("#", 1)[0].strip()
-    if rest.startswith("{") and rest.endswith("}"):
-        if all(len(re.findall(rf"\b{k}:\s*{_NUMBER}", rest)) == 1 for k in ("low", "high")):
-            return [hit[0]]
-        raise refuse
-    if rest:
-        raise refuse
-    children = []
-    for i in entries[entries.index(hit[0]) + 1:]:
-        if len(lines[i]) - len(lines[i].lstrip()) <= indent:
-            break
-        children.append(i)
-    found = [i for i in children if re.match(rf"\s+(low|high):\s*{_NUMBER}\s*(#.*)?$", lines[i])]
-    if sorted(lines[i].split(":")[0].strip() for i in found) != ["high", "low"]:
-        raise refuse
-    return found
+    text = path.read_text()
+    yaml = YAML()  # typ "rt": the round-trip loader and dumper
+    yaml.preserve_quotes = True
+    yaml.width = 1 << 16  # never fold a long flow mapping onto two lines
+    try:
+        doc, indent, dash = load_yaml_guess_indent(text, yaml=yaml)
+    except YAMLError as exc:
+        raise StudyFileError(f"{path}: not valid YAML: {exc}") from None
+    _bounds(doc, path)
+    first = None
+    for explicit_start in (False, True):  # a leading "---"
+        for mapping, sequence, offset in ((indent or 2, indent or 2, dash or 0), *_LAYOUTS):
+            yaml.explicit_start = explicit_start
+            yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+            again = _dump(yaml, doc, text)
+            if again == text:
+                return text, yaml, doc
+            first = first or again
+    was, now = next(((a, b) for a, b in zip_longest(text.splitlines(), first.splitlines(),
+                                                    fillvalue="") if a != b), (text, first))
+    raise StudyFileError(f"{path}: ruamel.yaml would also rewrite {was!r} as {now!r}; edit the "
+                         "learning_rate bounds by hand")
+
+
+def _dump(yaml: YAML, doc: Any, like: str) -> str:
+    """The document as text, ending like ``like`` (ruamel always ends with a newline)."""
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    text = out.getvalue()
+    return text if like.endswith("\n") else text.removesuffix("\n")
+
+
+def _bounds(doc: Any, path: Path) -> Any:
+    """The mapping under ``space: learning_rate:`` that holds ``low`` and ``high``."""
+    space = doc.get("space") if isinstance(doc, dict) else None
+    spec = space.get("learning_rate") if isinstance(space, dict) else None
+    if not (isinstance(spec, dict) and "low" in spec and "high" in spec):
+        raise StudyFileError(f"{path}: space.learning_rate is not a mapping with low: and high:; "
+                             "edit the bounds by hand")
+    return spec
 
 
 def yaml_float(value: float) -> str:
-    """``3.2e-5``, the way the shipped studies write floats: PyYAML (YAML 1.1) reads a float
-    only with a dot and a signed exponent, so ``3e-05`` would be a string."""
+    """``3.2e-5``, the way the shipped studies write floats: PyYAML (YAML 1.1), which reads the
+    study files, sees a float only with a dot and a signed exponent. ruamel.yaml (YAML 1.2) would
+    write a plain ``1e-05`` for 1e-5, which PyYAML reads as the *string* "1e-05"."""
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent):+d}"
 
 
-def apply_range(path: Path, low: float, high: float) -> tuple[list[str], list[str]]:
-    """Rewrite the bounds in place, nothing else; re-validate, restore the file on failure.
+def _changed_lines(before: str, after: str) -> tuple[list[str], list[str]]:
+    """The lines ``after`` removed from ``before`` and the lines it added, in file order."""
+    diff = list(difflib.ndiff(before.splitlines(), after.splitlines()))
+    return ([line[2:] for line in diff if line.startswith("- ")],
+            [line[2:] for line in diff if line.startswith("+ ")])
 
-    Returns the old and the new lines.
-    """
-    original = path.read_text()
-    numbers = _locate(path)
-    lines = original.splitlines(keepends=True)
-    old = [lines[i].rstrip("\n") for i in numbers]
-    for i in numbers:
-        for key, value in (("low", low), ("high", high)):
-            lines[i] = re.sub(rf"(\b{key}:\s*){_NUMBER}", lambda m: m.group(1) + yaml_float(value),
-                              lines[i], count=1)
-    path.write_text("".join(lines))
+
+def apply_range(path: Path, low: float, high: float) -> tuple[list[str], list[str]]:
+    """Set ``space.learning_rate.low/high`` in the study file, nothing else: a ruamel.yaml
+    round trip keeps its comments, key order and layout. Re-validates the result and restores
+    the file on failure. Returns the old and the new lines."""
+    original, yaml, doc = _round_trip(path)
+    bounds = _bounds(doc, path)
+    for key, value in (("low", low), ("high", high)):
+        # ruamel keeps the spelling of a float it parsed: parse ours, so it writes 2.5e-5
+        bounds[key] = YAML().load(yaml_float(value))
+    edited = _dump(yaml, doc, original)
+    path.write_text(edited)
     try:
         spec = load_config(path).space["learning_rate"]
         if not (isinstance(spec, Range) and math.isclose(spec.low, low)
@@ -404,7 +422,7 @@ def apply_range(path: Path, low: float, high: float) -> tuple[list[str], list[st
     except StudyFileError as exc:
         path.write_text(original)
         raise StudyFileError(f"{exc}\n{path}: --apply left the file as it was") from None
-    return old, [lines[i].rstrip("\n") for i in numbers]
+    return _changed_lines(original, edited)
 
 
 # --- the command ----------------------------------------------------------------------------
