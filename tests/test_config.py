@@ -216,4 +216,12 @@ def test_digest_ignores_what_does_not_change_the_search(tmp_path: Path):
     documented = _with(description="new words", reference={"test_accuracy": 0.9, "source": "x"},
                        baseline={"description": "tutorial", "params": {"units": 128}})
     assert load_config(_write(tmp_path, documented)).digest == base
-    assert load_config(_write(tmp_path, _with(search={"n_trials": 6}))).digest != base
+    # the budget is not the search: raising n_trials continues the same study
+    budget = _with(search={"sampler": "tpe", "n_trials": 50, "timeout": 60})
+    assert load_config(_write(tmp_path, budget)).digest == base
+    # defaults written out, or flow style instead of block style: the same search
+    explicit = _with(data={"val_fraction": 0.1, "seed": 48})
+    assert load_config(_write(tmp_path, explicit)).digest == base
+    assert load_config(_write(tmp_path, _with(search={"sampler": "random"}))).digest != base
+    wider = _with(space={**VALID["space"], "units": {"low": 32, "high": 128}})
+    assert load_config(_write(tmp_path, wider)).digest != base

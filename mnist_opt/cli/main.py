@@ -97,6 +97,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     from mnist_opt.tracking.storage import resolve_storage
 
     storage = resolve_storage(args.storage)
+    if args.mix_versions and args.new_version:
+        raise StudyFileError("--mix-versions and --new-version exclude each other: choose one")
+    if args.new_version:
+        from mnist_opt.search.versions import new_version
+        from mnist_opt.tracking.storage import make_storage
+
+        cfg = new_version(cfg, make_storage(storage))
+        print(f"this version of {cfg.path.name} is study {cfg.name}: use that name with "
+              f"retrain, report and lr-find (MLflow experiment and registered model {cfg.name})")
     # the progress bar carries the best value; Optuna's per-trial lines only with -v
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
@@ -105,7 +114,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet,
-                                 workers=args.workers)
+                                 workers=args.workers, mix=args.mix_versions, argument=args.name)
     except KeyboardInterrupt:
         interrupted = True
         study = optuna.load_study(study_name=cfg.name, storage=storage)
@@ -244,8 +253,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         if res.study_trials:
             trials = f"{res.study_trials} trial{'s' * (res.study_trials != 1)}"
             print(f"note: study {cfg.name} already has {trials} in {storage}; "
-                  "the edited file has a new digest, so continuing it mixes trials of both ranges "
-                  "(`mnist-opt study` warns). To start afresh, copy the file under a new name.")
+                  "the edited file searches a new range, so `mnist-opt study` refuses to continue "
+                  f"it until you choose: --new-version (study {cfg.name}.v2…) or --mix-versions.")
         return 0
     spec = cfg.space.get("learning_rate")
     if isinstance(spec, lrfind.Range):
@@ -297,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "study":
             p.add_argument("-w", "--workers", type=int, default=1,
                            help="parallel worker processes sharing the study (default 1)")
+            p.add_argument("--mix-versions", action="store_true",
+                           help="continue a study whose file changed, mixing trials of both "
+                                "versions (recorded on the study and its MLflow run)")
+            p.add_argument("--new-version", action="store_true",
+                           help="run this file's version of the study under its own name, "
+                                "NAME.v2, v3, …: continue the one this file searches, or start one")
         if name == "lr-find":
             p.add_argument("--apply", action="store_true",
                            help="write the suggested range into the study file's learning_rate")

@@ -10,6 +10,7 @@ from typing import Sequence
 import mlflow
 import optuna
 
+from mnist_opt.search import versions
 from mnist_opt.search.objective import n_finished, optimize, summary
 from mnist_opt.search.progress import StudyProgress
 from mnist_opt.search.samplers import hyperband_brackets, make_pruner, make_sampler
@@ -19,27 +20,33 @@ from mnist_opt.tracking.storage import make_storage, resolve_storage
 from mnist_opt.training.loop import study_split
 
 
-def open_study(cfg: StudyConfig, storage: str) -> optuna.Study:
-    """Create the study, or continue it (``load_if_exists``); warn when the study file changed."""
+def open_study(cfg: StudyConfig, storage: str | optuna.storages.BaseStorage, mix: bool = False,
+               argument: str | None = None) -> tuple[optuna.Study, dict[str, str]]:
+    """Create the study, or continue it (``load_if_exists``) if its file still searches the
+    same way; a changed file is refused before anything is written, unless ``mix``.
+
+    Returns the study and what the MLflow parent run records of a mix (``argument``: how the
+    user named the study, for the error's suggested commands).
+    """
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg),
         directions=cfg.directions, load_if_exists=True)
+    changed = versions.changes(study, cfg)
+    if changed != [] and not mix:
+        versions.refuse(study, cfg, changed, argument or cfg.name)
+    recorded = versions.record(study, cfg, changed if changed != [] else None)
     with warnings.catch_warnings():  # experimental since 3.2; names the values in plots
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(cfg.objective_names)
-    old = study.user_attrs.get("config_digest")
-    if old and old != cfg.digest:
-        optuna.logging.get_logger("mnist_opt").warning(
-            "study file %s changed since this study began (digest %s → %s); trials of both "
-            "versions are mixed in one study", cfg.path, old, cfg.digest)
-    for key, value in {"config_digest": cfg.digest, "dataset": cfg.dataset, "model": cfg.model,
+    for key, value in {"dataset": cfg.dataset, "model": cfg.model,
                        "metric": cfg.search.metric}.items():
         study.set_user_attr(key, value)
-    return study
+    return study, recorded
 
 
 def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
-              progress: bool = True, workers: int = 1, callbacks: Sequence = ()) -> optuna.Study:
+              progress: bool = True, workers: int = 1, callbacks: Sequence = (),
+              mix: bool = False, argument: str | None = None) -> optuna.Study:
     """Bring the study to ``cfg.search.n_trials`` finished (complete or pruned) trials.
 
     ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
@@ -48,12 +55,14 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     ``workers > 1`` the storage, study, MLflow experiment and parent run are created here
     first (fresh SQLite files race on table creation), then worker processes share them.
     ``callbacks`` are extra Optuna callbacks (in-process runs only; the benchmark uses one).
+    A study file that changed since the study began is refused unless ``mix`` (see
+    :mod:`mnist_opt.search.versions`).
     """
     url = resolve_storage(storage)
     # Everything that can be wrong with the input is found before anything is written.
     split = study_split(cfg)
     experiment = tracking.open_experiment(cfg.name)
-    study = open_study(cfg, make_storage(url))
+    study, mixed = open_study(cfg, make_storage(url), mix, argument)
     with warnings.catch_warnings():  # experimental since 2.9, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -69,12 +78,14 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
               flush=True)
     extra = {"n_train": len(split.y_train), "n_val": len(split.y_val), "workers": workers,
              "sampler_class": type(study.sampler).__name__,
-             "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials)}
+             "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials),
+             **mixed}
     if cfg.search.pruner == "hyperband":
         extra["hyperband_brackets"] = hyperband_brackets(cfg)
     start = time.monotonic()
     with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
+        mlflow.log_dict(cfg.search_section(), "search_section.json")
         bar = StudyProgress(study, remaining, progress, cfg.search.pick_tolerance)
         try:
             if workers == 1:

@@ -135,7 +135,6 @@ class StudyConfig(_Strict):
     reference: Optional[Reference] = None
     baseline: Optional[Baseline] = None
     path: Optional[Path] = None
-    digest: str = ""
 
     @model_validator(mode="after")
     def _two_objectives_need_no_pruner(self) -> "StudyConfig":
@@ -161,6 +160,18 @@ class StudyConfig(_Strict):
         sizes = [n for n in (self.data.train_subset, self.data.search_subset) if n]
         return min(sizes) if sizes else None
 
+    def search_section(self) -> dict[str, Any]:
+        """What shapes the search, normalised (defaults filled in, JSON types): stored on the
+        study and its MLflow run, so a changed file can be named key by key."""
+        return self.model_dump(mode="json", exclude=NOT_SEARCH)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of :meth:`search_section` and the parameter table's version: equal
+        for two files that search the same way, however they are written or commented."""
+        section = {**self.search_section(), "parameter_table_version": TABLE_VERSION}
+        return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
+
     @property
     def report_dir(self) -> Path:
         """Where ``report``, ``retrain`` and ``lr-find`` write this study's files."""
@@ -180,8 +191,16 @@ class InvalidStudyFile(StudyFileError):
         super().__init__("\n".join(dict.fromkeys(p.line(str(source)) for p in problems)))
 
 
+# What does not change what a trial is or how the next one is chosen: the budget, the
+# bookkeeping, retraining and the texts. Editing these continues a study as the same version.
+NOT_SEARCH: dict[str, Any] = {
+    "name": True, "path": True, "description": True, "reference": True, "baseline": True,
+    "search": {"n_trials", "timeout", "trials_per_worker", "max_consecutive_failures",
+               "pick_tolerance"},
+    "training": {"retrain_epochs"}}
+
 _TAGS = {"choice", "range", "fixed", "per-layer"}
-_OURS = {"is_int", "name", "path", "digest"}  # keys the loader adds; never shown as the user's
+_OURS = {"is_int", "name", "path"}  # keys the loader adds; never shown as the user's
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -249,19 +268,6 @@ def _typed(doc: dict) -> dict:
     return {**doc, "space": {k: typed(k, v) for k, v in doc["space"].items()}}
 
 
-# Sections that do not change what a search does: editing them keeps the study's digest.
-NOT_SEARCH = ("description", "reference", "baseline")
-
-
-def search_digest(doc: dict) -> str:
-    """A short hash of the parts of a study file that shape the search (not comments or
-    the baseline) and of the parameter table's version, so a study continued after such an
-    edit is not called a changed one, and a change of the table's meaning is detected."""
-    search = {str(k): v for k, v in doc.items() if k not in NOT_SEARCH}
-    search["parameter_table_version"] = TABLE_VERSION
-    return hashlib.sha256(json.dumps(search, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def validate(doc: dict, source: Path) -> StudyConfig:
     """A study file's document, checked against the schema and the parameter table at once:
     :class:`InvalidStudyFile` lists every problem, or the valid config comes back."""
@@ -270,8 +276,7 @@ def validate(doc: dict, source: Path) -> StudyConfig:
     try:
         # model_validate, not StudyConfig(**doc): YAML keys need not be strings ("?" is {None: None})
         cfg = StudyConfig.model_validate({**(_typed(doc) if known and not problems else doc),
-                                          "name": source.stem, "path": source.resolve(),
-                                          "digest": search_digest(doc)})
+                                          "name": source.stem, "path": source.resolve()})
     except ValidationError as err:  # less what is about a parameter the table already named
         schema = _pydantic_problems(err)
         named = {_key(p.path) for p in problems}
@@ -297,8 +302,8 @@ def load_config(path: Path | str) -> StudyConfig:
         raise StudyFileError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
         raise StudyFileError(f"{path}: a study file must be a YAML mapping, got {type(doc).__name__}")
-    if "name" in doc or "path" in doc or "digest" in doc:
-        raise StudyFileError(f"{path}: 'name', 'path' and 'digest' are set from the file; remove them")
+    if "name" in doc or "path" in doc:
+        raise StudyFileError(f"{path}: 'name' and 'path' are set from the file; remove them")
     return validate(doc, path)
 
 
@@ -316,15 +321,36 @@ def known_studies(directory: Path | None = None) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
+# A new version of a study (`mnist-opt study NAME --new-version`): the same file, its own name.
+VERSION = re.compile(r"(?P<base>.+)\.v(?P<number>[0-9]+)")
+
+
 def find_study(name: str, directory: Path | None = None) -> StudyConfig:
-    """A study by name (``studies/NAME.yaml``) or by path to a YAML file."""
+    """A study by name (``studies/NAME.yaml``), by path to a YAML file, or a version of one
+    (``NAME.v2``: the file ``studies/NAME.yaml`` searched under the name ``NAME.v2``)."""
     if name.endswith((".yaml", ".yml")) and Path(name).exists():
         return load_config(name)
     directory = directory or studies_dir()
-    path = directory / f"{name}.yaml"
+    path, version = directory / f"{name}.yaml", VERSION.fullmatch(name)
+    if not path.exists() and version and (directory / f"{version['base']}.yaml").exists():
+        return load_config(directory / f"{version['base']}.yaml").model_copy(update={"name": name})
     if not path.exists():
         raise UnknownStudyError(name, known_studies(directory), directory)
     return load_config(path)
+
+
+_ABSENT = object()
+
+
+def section_changes(old: Any, new: Any, key: str = "") -> list[str]:
+    """``space.units.high: 1024.0 → 2048`` for each key whose value differs between two
+    :meth:`StudyConfig.search_section` dicts (``(absent)`` where one has no such key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for k in sorted(set(old) | set(new), key=str)
+                for change in section_changes(old.get(k, _ABSENT), new.get(k, _ABSENT),
+                                              f"{key}.{k}" if key else str(k))]
+    shown = ["(absent)" if v is _ABSENT else json.dumps(v) for v in (old, new)]
+    return [] if old == new else [f"{key}: {shown[0]} → {shown[1]}"]
 
 
 def with_overrides(cfg: StudyConfig, n_trials: int | None = None, timeout: int | None = None,
