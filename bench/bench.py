@@ -20,7 +20,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from mnist_opt import data  # noqa: E402
 from mnist_opt.study.config import StudyConfig, find_study, with_overrides  # noqa: E402
 from mnist_opt.training.models import build_model  # noqa: E402
 from mnist_opt.search.runner import run_study  # noqa: E402
-from mnist_opt.study.space import suggest_params  # noqa: E402
+from mnist_opt.study.space import fixed_space, suggest_params  # noqa: E402
 from mnist_opt.training.loop import compile_model, evaluate, fresh_model, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,18 +131,6 @@ def run_ours(cfg: StudyConfig, workdir: Path, workers: int, callbacks=()):
             "params": params, "study": study}
 
 
-def fixed_space(params: dict) -> dict:
-    """A study-file space that fixes every parameter to ``params`` (per-layer ones as lists)."""
-    space: dict = {}
-    for key, value in params.items():
-        match = re.fullmatch(r"(units|dropout|filters)_[lb]\d+", key)
-        if match:
-            space.setdefault(match[1], []).append(value)
-        else:
-            space[key] = value
-    return space
-
-
 def overhead(cfg: StudyConfig, fixed: dict, split: data.Split, workdir: Path, epochs: int) -> dict:
     """Per-epoch time of one fixed configuration: inside our trial vs a bare ``model.fit``."""
     model = compile_model(fresh_model(fixed, seed=0), fixed, len(split.y_train))
@@ -153,7 +140,7 @@ def overhead(cfg: StudyConfig, fixed: dict, split: data.Split, workdir: Path, ep
               batch_size=fixed["batch_size"], epochs=epochs, verbose=0, callbacks=[counter])
     bare = statistics.median(np.diff([start, *counter.times])[1:])
     ours_cfg = cfg.model_copy(update={
-        "name": "overhead", "space": fixed_space(fixed),
+        "name": "overhead", "space": fixed_space(cfg.model, fixed),
         "search": cfg.search.model_copy(update={"n_trials": 1, "pruner": "none"}),
         "training": cfg.training.model_copy(update={"max_epochs": epochs})})
     result = run_ours(ours_cfg, workdir / "overhead", workers=1)

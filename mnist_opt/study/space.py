@@ -6,7 +6,8 @@ run on an ``optuna.trial.FixedTrial`` rebuilds a finished trial's full params fo
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import optuna
 
@@ -93,6 +94,33 @@ def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
             for name, spec in _layers(cfg, int(max(grid.get(depth_key, [_spec(cfg, depth_key)])))):
                 add(name, spec)
     return grid
+
+
+class MidpointTrial:
+    """Stands in for an Optuna trial in :func:`suggest_params`: the middle of every range
+    (geometric for log ranges, on its step grid) and the first of every choice — a
+    configuration to try before any trial exists (``lr-find``)."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return choices[0]
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None,
+                      log: bool = False) -> float:
+        mid = math.sqrt(low * high) if log else (low + high) / 2
+        return low + round((mid - low) / step) * step if step else mid
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        return int(round(self.suggest_float(name, low, high, step if step > 1 else None, log)))
+
+
+def fixed_space(model: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A space that fixes every parameter to a full params dict (per-layer ones as lists):
+    the inverse of :func:`suggest_params`, so a trial's configuration can run as a study."""
+    depth_key, _, per_layer = DEPTH[model]
+    space = {key: value for key, value in params.items() if key in table(model)}
+    for key in per_layer:
+        space[key] = [params[layer_name(model, key, i)] for i in range(params[depth_key])]
+    return space
 
 
 def baseline_params(cfg: StudyConfig) -> dict[str, Any]:

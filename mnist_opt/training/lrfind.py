@@ -54,7 +54,7 @@ from mnist_opt.tracking import runs as tracking  # noqa: E402
 from mnist_opt.study.config import Choice, Range, StudyConfig, load_config  # noqa: E402
 from mnist_opt.errors import MnistOptError, RetrainError, StudyFileError  # noqa: E402
 from mnist_opt.study.objectives import pick  # noqa: E402
-from mnist_opt.study.space import DEFAULTS, DEPTH, _layer_spec, suggest_params  # noqa: E402
+from mnist_opt.study.space import MidpointTrial, suggest_params  # noqa: E402
 from mnist_opt.tracking.storage import load_existing  # noqa: E402
 from mnist_opt.training.loop import compile_model, fresh_model, make_dataset, study_split  # noqa: E402
 from mnist_opt.tracking.urls import sqlite_path  # noqa: E402
@@ -73,30 +73,10 @@ class LrFindError(MnistOptError):
 
 # --- which configuration to test ------------------------------------------------------------
 
-def _middle(spec: Any) -> Any:
-    """A range's midpoint (geometric for log ranges, on its step grid), a choice's first value."""
-    if isinstance(spec, Choice):
-        return spec.choices[0]
-    if not isinstance(spec, Range):
-        return spec  # fixed
-    mid = math.sqrt(spec.low * spec.high) if spec.log else (spec.low + spec.high) / 2
-    if spec.step:
-        mid = spec.low + round((mid - spec.low) / spec.step) * spec.step
-    return int(round(mid)) if spec.is_int else mid
-
-
 def midpoint_values(cfg: StudyConfig) -> dict[str, Any]:
-    """Values for an ``optuna.trial.FixedTrial``: the middle of every searched parameter.
-
-    Per-layer parameters get one value per layer of the middle depth, from that layer's spec.
-    """
-    depth_key, suffix, per_layer = DEPTH[cfg.model]
-    values = {key: _middle(spec) for key, spec in cfg.space.items() if key not in per_layer}
-    depth = int(_middle(cfg.space.get(depth_key, DEFAULTS[cfg.model][depth_key])))
-    for i in range(depth):
-        for key in per_layer:
-            values[f"{key}_{suffix}{i}"] = _middle(_layer_spec(cfg, key, i))
-    return values
+    """The middle of every searched parameter (per-layer ones from each layer's spec, for
+    the middle depth): values for an ``optuna.trial.FixedTrial``."""
+    return suggest_params(MidpointTrial(), cfg)
 
 
 def stored_study(cfg: StudyConfig, storage: str) -> optuna.Study | None:
