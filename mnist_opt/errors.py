@@ -1,4 +1,7 @@
-"""Errors a user can fix; the CLI prints their message alone and exits with status 2."""
+"""Errors a user can fix; the CLI prints their message alone and exits with status 2.
+
+:class:`StudyFailedError` is not one of them: the input was valid, the search failed (1).
+"""
 
 
 class MnistOptError(Exception):
@@ -27,3 +30,15 @@ class TrackingError(MnistOptError):
 
 class PredictError(MnistOptError):
     """An image that cannot be read or holds no digit, or a model URI that cannot be loaded."""
+
+
+class StudyFailedError(Exception):
+    """The study stopped because its trials keep failing, or ended without success (a trial
+    left RUNNING by a dead process): the CLI prints the summary and the last failure, exit 1.
+
+    ``trial`` is the last failed trial (an Optuna ``FrozenTrial``), when there is one.
+    """
+
+    def __init__(self, message: str, trial: object | None = None) -> None:
+        super().__init__(message)
+        self.trial = trial

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from mnist_opt import interrupt
 from mnist_opt.cli import check
-from mnist_opt.errors import MnistOptError, StudyFileError
+from mnist_opt.errors import MnistOptError, StudyFailedError, StudyFileError
 from mnist_opt.study.config import find_study, known_studies, load_config, studies_dir, with_overrides
 
 
@@ -111,19 +111,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
           f"pruner {cfg.search.pruner}, target {cfg.search.n_trials} trials × "
           f"≤{cfg.training.max_epochs} epochs, storage {storage}", flush=True)
-    interrupted = False
+    interrupted, failure = False, None
     try:
         study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet,
                                  workers=args.workers, mix=args.mix_versions, argument=args.name)
     except KeyboardInterrupt:
         interrupted = True
         study = optuna.load_study(study_name=cfg.name, storage=storage)
-    _print_summary(cfg, summary(study, cfg.search.pick_tolerance), interrupted, storage)
-    return 130 if interrupted else 0
+    except StudyFailedError as exc:  # the study file was valid: 1, not 2
+        failure = exc
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
+    _print_summary(cfg, summary(study, cfg.search.pick_tolerance), interrupted, storage, failure)
+    return 130 if interrupted else 1 if failure else 0
 
 
-def _print_summary(cfg, result: dict, interrupted: bool, storage: str) -> None:
-    head = "interrupted; " if interrupted else ""
+def _print_summary(cfg, result: dict, interrupted: bool, storage: str,
+                   failure: StudyFailedError | None = None) -> None:
+    head = "interrupted; " if interrupted else "stopped; " if failure else ""
     print(f"\n{head}study {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
           f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished)")
     second = cfg.search.second_objective
@@ -147,9 +151,18 @@ def _print_summary(cfg, result: dict, interrupted: bool, storage: str) -> None:
           f"  trials, live:  make dashboard   (optuna-dashboard {storage}) → http://127.0.0.1:8080\n"
           f"  MLflow runs:   make mlflow-ui   (experiment {cfg.name}, tracking "
           f"{mlflow.get_tracking_uri()}) → http://127.0.0.1:5000\n"
-          f"  plots, table:  make report NAME={cfg.name}   (also the study run's plots/ in MLflow)\n"
-          f"next: make retrain NAME={cfg.name} SEEDS=3   (tests the best trial, registers model "
-          f"'{cfg.name}')")
+          f"  plots, table:  make report NAME={cfg.name}   (also the study run's plots/ in MLflow)")
+    if failure is None:
+        print(f"next: make retrain NAME={cfg.name} SEEDS=3   (tests the best trial, registers "
+              f"model '{cfg.name}')")
+        return
+    print(f"\nmnist-opt: study {cfg.name} failed: {failure}")
+    trial = failure.trial
+    if trial is not None:  # what the user must fix, without opening the dashboard
+        print(f"last failed trial {trial.number}: {trial.user_attrs.get('fail_reason', '?')}")
+        tail = trial.user_attrs.get("traceback", "").rstrip().splitlines()[-6:]
+        print("\n".join(f"  {line}" for line in tail))
+        print(f"fix it, then run the same command again: make study NAME={cfg.name}")
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:

@@ -2,17 +2,19 @@
 that runs one process's share of a study's trials."""
 from __future__ import annotations
 
-import os
+from datetime import datetime
 from typing import Any, Sequence
 
 import mlflow
 import optuna
 
 from mnist_opt import data, interrupt
+from mnist_opt.errors import StudyFailedError
 from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
 from mnist_opt.tracking import runs as tracking
+from mnist_opt.tracking.storage import STALE, record_owner
 from mnist_opt.training.callbacks import TrialCallback
 from mnist_opt.training.loop import fresh_model, train
 
@@ -36,6 +38,7 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
     second = cfg.search.second_objective
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        record_owner(trial)  # first: a resumed study on this host fails it at once if we die
         params = suggest_params(trial, cfg)
         with tracking.trial_run(trial, params, parent):
             try:
@@ -61,13 +64,13 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
             finally:  # the memory figure of `make bench`, and a leak shows in the MLflow UI
                 rss = rss_mb()
                 trial.set_user_attr("rss_mb", rss)
-                trial.set_user_attr("pid", os.getpid())
                 mlflow.log_metric("rss_mb", rss)
 
     return objective
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+FAIL = optuna.trial.TrialState.FAIL
 
 
 def n_finished(study: optuna.Study) -> int:
@@ -87,12 +90,77 @@ def summary(study: optuna.Study, tolerance: float) -> dict[str, Any]:
     return out
 
 
+def counts_as_failure(trial: optuna.trial.FrozenTrial) -> bool:
+    """A failed trial, unless it was interrupted or failed as stale (its process died)."""
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return trial.state == FAIL and not reason.startswith((tracking.INTERRUPTED, STALE))
+
+
+def failure_streak(trials: Sequence[optuna.trial.FrozenTrial],
+                   limit: int) -> list[optuna.trial.FrozenTrial]:
+    """The first ``limit`` failed trials in a row, in completion order; [] if there are none.
+
+    A complete or pruned trial ends a run of failures; interrupted and stale trials are
+    skipped (they say nothing about the search). The first run, not the latest: once the
+    limit is hit, a trial that another worker completes afterwards does not revive the study.
+    """
+    done = sorted((t for t in trials if t.state.is_finished() and t.datetime_complete),
+                  key=lambda t: (t.datetime_complete, t.number))
+    streak: list[optuna.trial.FrozenTrial] = []
+    for trial in done:
+        if trial.state != FAIL:
+            streak = []
+        elif counts_as_failure(trial):
+            streak.append(trial)
+            if len(streak) == limit:
+                return streak
+    return []
+
+
+def finished_since(study: optuna.Study, since: datetime) -> list[optuna.trial.FrozenTrial]:
+    """Trials of every worker that finished since ``since`` (this invocation's parent run)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, FAIL))
+            if t.datetime_complete and t.datetime_complete >= since]
+
+
+def started(parent: mlflow.entities.Run) -> datetime:
+    """When the invocation's parent run started, in Optuna's clock (local, naive)."""
+    return datetime.fromtimestamp(parent.info.start_time / 1000)
+
+
+def stop_on_failures(limit: int, since: datetime):
+    """An Optuna callback: stop this process's loop once ``limit`` trials failed in a row
+    since ``since``, counted over all workers' trials in the storage."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if failure_streak(finished_since(study, since), limit):
+            study.stop()
+
+    return callback
+
+
+def check_failures(study: optuna.Study, limit: int, since: datetime) -> None:
+    """Raise :class:`StudyFailedError` when this invocation stopped for failures, or ended
+    without a finished trial because its trials failed."""
+    trials = finished_since(study, since)
+    streak = failure_streak(trials, limit)
+    if streak:
+        raise StudyFailedError(
+            f"{limit} trials failed in a row (trials {', '.join(str(t.number) for t in streak)}; "
+            f"search.max_consecutive_failures={limit}): the study stopped", streak[-1])
+    failed = sorted((t for t in trials if counts_as_failure(t)), key=lambda t: t.datetime_complete)
+    if failed and not any(t.state in FINISHED for t in trials):
+        raise StudyFailedError(f"no trial finished in this run: {len(failed)} failed", failed[-1])
+
+
 def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
              n_trials: int, verbose: bool, callbacks: Sequence = (), freeze: bool = False) -> None:
-    """One worker's share: up to ``n_trials`` trials, stopping early once the study has its target."""
+    """One worker's share: up to ``n_trials`` trials, stopping early once the study has its
+    target, or once its trials keep failing (every worker sees the same storage)."""
     study.optimize(
         make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
         timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
         callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
+                   stop_on_failures(cfg.search.max_consecutive_failures, started(parent)),
                    tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
                    lambda study, trial: interrupt.check(), *callbacks])

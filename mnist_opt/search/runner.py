@@ -10,13 +10,15 @@ from typing import Sequence
 import mlflow
 import optuna
 
+from mnist_opt.errors import StudyFailedError
 from mnist_opt.search import versions
-from mnist_opt.search.objective import n_finished, optimize, summary
+from mnist_opt.search.objective import (check_failures, failure_streak, finished_since, n_finished,
+                                        optimize, started, summary)
 from mnist_opt.search.progress import StudyProgress
 from mnist_opt.search.samplers import hyperband_brackets, make_pruner, make_sampler
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.tracking import runs as tracking
-from mnist_opt.tracking.storage import make_storage, resolve_storage
+from mnist_opt.tracking.storage import fail_dead_owners, make_storage, owner_gone, resolve_storage
 from mnist_opt.training.loop import study_split
 
 
@@ -51,7 +53,10 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
 
     ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
     re-run after an interruption does only what is missing, and one that has them does
-    nothing. A trial that raises is recorded as failed and the search goes on. With
+    nothing. A trial that raises is recorded as failed and the search goes on, until
+    ``search.max_consecutive_failures`` trials failed in a row (:class:`StudyFailedError`;
+    so does an invocation whose trials all failed). Trials whose process died are failed
+    and re-queued first (:func:`fail_stale`), and again at the end. With
     ``workers > 1`` the storage, study, MLflow experiment and parent run are created here
     first (fresh SQLite files race on table creation), then worker processes share them.
     ``callbacks`` are extra Optuna callbacks (in-process runs only; the benchmark uses one).
@@ -63,9 +68,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     split = study_split(cfg)
     experiment = tracking.open_experiment(cfg.name)
     study, mixed = open_study(cfg, make_storage(url), mix, argument)
-    with warnings.catch_warnings():  # experimental since 2.9, and what we need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_stale(study)
     done = n_finished(study)
     remaining = cfg.search.n_trials - done
     if remaining <= 0:
@@ -83,9 +86,11 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     if cfg.search.pruner == "hyperband":
         extra["hyperband_brackets"] = hyperband_brackets(cfg)
     start = time.monotonic()
+    limit = cfg.search.max_consecutive_failures
     with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
         mlflow.log_dict(cfg.search_section(), "search_section.json")
+        since = started(parent)
         bar = StudyProgress(study, remaining, progress, cfg.search.pick_tolerance)
         try:
             if workers == 1:
@@ -93,15 +98,41 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
             else:
                 from mnist_opt.search.workers import run_workers
 
-                run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose, bar)
+                def stopped() -> bool:  # the parent reads it from the storage itself
+                    return bool(failure_streak(finished_since(study, since), limit))
+
+                run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose, bar, stopped)
+            check_failures(study, limit, since)
         finally:
             bar.close()
+            fail_stale(study)  # a worker killed -9 under us: its trial is failed now
             result = summary(study, cfg.search.pick_tolerance)
             mlflow.log_metric("wall_s", time.monotonic() - start)
             for key in ("complete", "pruned", "fail"):
                 mlflow.log_metric(f"n_{key}", result[key])
             log_plots(study, cfg.objective_names)
+        check_owners(study)  # inside: the parent run ends FAILED, not FINISHED
     return study
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose process died, each closed in MLflow and re-queued: on this host
+    at once (its recorded owner is gone), elsewhere once its heartbeat is older than the grace
+    period."""
+    with warnings.catch_warnings():  # experimental since 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for number in fail_dead_owners(study):
+        print(f"trial {number} was left RUNNING by a process that is gone: failed, its "
+              "parameters queued again", flush=True)
+
+
+def check_owners(study: optuna.Study) -> None:
+    """No success while a trial is RUNNING with no live owner (it would never finish)."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if owner_gone(trial):
+            raise StudyFailedError(f"trial {trial.number} is still RUNNING but its process "
+                                   f"{trial.user_attrs['pid']} is gone")
 
 
 def log_plots(study: optuna.Study, names: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mnist_opt import interrupt
 
@@ -29,12 +29,15 @@ def quotas(remaining: int, workers: int) -> list[int]:
 
 
 def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: int,
-                verbose: bool, progress: StudyProgress | None = None) -> None:
+                verbose: bool, progress: StudyProgress | None = None,
+                stopped: Callable[[], bool] = lambda: False) -> None:
     """Keep ``workers`` processes busy until each slot has run its share of trials.
 
     A slot's process is replaced after ``cfg.search.trials_per_worker`` trials (TensorFlow
     leaks traced graphs per model; a fresh process frees them), with a new sampler seed and
-    what is left of the study's timeout. Ctrl-C / SIGTERM is passed on and waited for.
+    what is left of the study's timeout, unless ``stopped()`` (the storage says the study's
+    trials keep failing; the workers stop themselves). Ctrl-C / SIGTERM is passed on and
+    waited for.
     """
     threads = max(1, (os.cpu_count() or 1) // workers)
     deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
@@ -79,7 +82,8 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
                     shares[slot] -= given[slot]
                     if proc.returncode:
                         failed.append(proc.returncode)
-                    elif shares[slot] > 0 and (deadline is None or time.monotonic() < deadline):
+                    elif (shares[slot] > 0 and (deadline is None or time.monotonic() < deadline)
+                          and not stopped()):
                         spawn(slot)
         except KeyboardInterrupt:
             running = [p for p in procs if p is not None and p.poll() is None]

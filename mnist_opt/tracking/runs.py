@@ -27,6 +27,7 @@ from mnist_opt.errors import TrackingError
 from mnist_opt.tracking.urls import sqlite_init_lock, sqlite_path
 
 DEFAULT_DIR = Path("mlruns")
+INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
 
@@ -155,7 +156,7 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
         raise
     except KeyboardInterrupt:
         status = "KILLED"
-        _record_failure(trial, "interrupted (Ctrl-C or SIGTERM)", None)
+        _record_failure(trial, f"{INTERRUPTED} (Ctrl-C or SIGTERM)", None)
         raise
     except Exception as exc:
         _record_failure(trial, f"{type(exc).__name__}: {exc}", traceback.format_exc())

@@ -2,20 +2,32 @@
 
 A trial whose process died (``kill -9``, a closed laptop) stops sending heartbeats; the next
 trial any worker starts marks it FAIL, closes its MLflow run and re-queues its parameters
-(Optuna's ``fail_stale_trials`` + ``RetryHeartbeatStaleTrialCallback``).
+(Optuna's ``fail_stale_trials`` + ``RetryHeartbeatStaleTrialCallback``). On the trial's own
+host there is no need to wait for the grace period: each trial records its owner process,
+and :func:`fail_dead_owners` fails a RUNNING trial whose owner is gone at once, the same way.
+Either way the trial's ``fail_reason`` starts with ``stale``, so a dead worker is not
+counted as a trial that failed (``search.max_consecutive_failures``).
 """
 from __future__ import annotations
 
+import copy
 import os
+import socket
 import warnings
 
 import optuna
+import psutil
 
 from mnist_opt.study.config import studies_dir
 from mnist_opt.errors import RetrainError, StorageError
 from mnist_opt.tracking.urls import sqlite_init_lock
 
 MAX_RETRY = 2  # a trial that keeps killing its worker is not retried forever
+STALE = "stale"  # how a stale trial's fail_reason starts
+OWNER = ("host", "pid", "pid_started")  # user attrs: who runs the trial
+# What a re-queued trial must not inherit from the dead one: its owner would look dead at
+# once, and its failure would stick to a trial that then completes.
+_NOT_INHERITED = (*OWNER, "fail_reason", "traceback", "mlflow_run_id")
 
 
 def default_storage() -> str:
@@ -34,11 +46,92 @@ def _heartbeat() -> tuple[int, int]:
 
 
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial failed as stale: close its MLflow run, queue its parameters again."""
     from mnist_opt.tracking import runs as tracking  # MLflow is heavy; only needed once a trial died
 
+    reason = trial.user_attrs.get("fail_reason", f"{STALE}: worker stopped sending heartbeats")
     tracking.close_run(trial.user_attrs.get("mlflow_run_id"), "KILLED",
-                       {"state": "failed", "fail_reason": "stale: worker stopped sending heartbeats"})
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+                       {"state": "failed", "fail_reason": reason})
+    with warnings.catch_warnings():  # experimental since 2.8, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    retry(study, _without(trial, _NOT_INHERITED))
+
+
+def _without(trial: optuna.trial.FrozenTrial, keys: tuple[str, ...]) -> optuna.trial.FrozenTrial:
+    out = copy.deepcopy(trial)  # the retry callback appends to the system attrs' retry_history
+    out.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in keys}
+    return out
+
+
+def _mark_stale(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """Say why before the trial is failed (a finished trial's attributes are read-only)."""
+    try:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # it finished, or another process failed it first
+    return True
+
+
+class _Storage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose heartbeat-stale trials carry ``fail_reason: stale: …``.
+
+    Optuna fails stale trials inside ``optimize`` (``fail_stale_trials``), after asking the
+    storage which they are: the one moment they are still RUNNING and can be marked. (A
+    private method of the pinned Optuna; tests/test_resume.py checks the mark.)
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        reason = f"{STALE}: no heartbeat for {self.grace_period} s (worker killed or hung)"
+        return [i for i in super()._get_stale_trial_ids(study_id) if _mark_stale(self, i, reason)]
+
+
+def record_owner(trial: optuna.Trial) -> None:
+    """Record which host and process run the trial; the process's start time tells a reused
+    pid from the owner."""
+    me = psutil.Process()
+    for key, value in zip(OWNER, (socket.gethostname(), me.pid, me.create_time())):
+        trial.set_user_attr(key, value)
+
+
+def owner_gone(trial: optuna.trial.FrozenTrial) -> bool:
+    """True when the trial's owner is a process of this host that no longer runs.
+
+    False for other hosts (their heartbeats decide) and for trials with no owner recorded.
+    """
+    attrs = trial.user_attrs
+    if attrs.get("host") != socket.gethostname() or "pid" not in attrs:
+        return False
+    try:
+        proc = psutil.Process(attrs["pid"])
+        if proc.status() == psutil.STATUS_ZOMBIE:  # dead, not yet reaped by its parent
+            return True
+        return abs(proc.create_time() - attrs.get("pid_started", 0.0)) > 0.05  # pid reused
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:  # another user's live process
+        return False
+
+
+def fail_dead_owners(study: optuna.Study) -> list[int]:
+    """Fail this host's RUNNING trials whose process is gone, as a stale trial is failed
+    (MLflow run closed, parameters re-queued), without waiting for the heartbeat grace period.
+    Returns their numbers."""
+    storage, failed = study._storage, []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not owner_gone(trial):
+            continue
+        reason = f"{STALE}: process {trial.user_attrs['pid']} on {trial.user_attrs['host']} is gone"
+        if not _mark_stale(storage, trial._trial_id, reason):
+            continue
+        try:  # as optuna.storages.fail_stale_trials does
+            if not storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        _on_stale_trial(study, storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -52,7 +145,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         with sqlite_init_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-            return optuna.storages.RDBStorage(
+            return _Storage(
                 url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
                 heartbeat_stale_trial_callback=_on_stale_trial)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
