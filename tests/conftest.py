@@ -76,3 +76,52 @@ def postgres() -> dict[str, str]:
     finally:
         pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+# A trial that fails at run time. The parameter table refuses every value the builders would
+# reject, so a valid study file cannot make a trial fail on purpose: these fixtures make our
+# own builder raise for one valid activation (POISON) — in this process, or in the `mnist-opt`
+# subprocesses (and their workers) through a sitecustomize module on PYTHONPATH.
+POISON = "elu"
+_SITECUSTOMIZE = f'''
+from mnist_opt.quiet import import_tensorflow
+
+import_tensorflow()
+import mnist_opt.training.loop as loop
+
+_build = loop.build_model
+
+
+def build_model(params):
+    if params.get("activation") == {POISON!r}:
+        raise RuntimeError("injected failure: activation {POISON}")
+    return _build(params)
+
+
+loop.build_model = build_model
+'''
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Trials with activation POISON raise inside this process; returns the activation."""
+    import mnist_opt.training.loop as loop
+
+    build = loop.build_model
+
+    def build_model(params):
+        if params.get("activation") == POISON:
+            raise RuntimeError(f"injected failure: activation {POISON}")
+        return build(params)
+
+    monkeypatch.setattr(loop, "build_model", build_model)
+    return POISON
+
+
+@pytest.fixture
+def poisoned_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for subprocesses whose trials with activation POISON raise."""
+    folder = tmp_path_factory.mktemp("poison")
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}

@@ -27,6 +27,7 @@ from mnist_opt.search.objective import failure_streak
 from mnist_opt.search.runner import check_owners, run_study
 from mnist_opt.study.config import load_config
 from mnist_opt.tracking.storage import fail_dead_owners, make_storage, owner_gone
+from conftest import POISON
 from test_faults import _study_file, _trials, _wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,10 +168,11 @@ def _run(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None):
 
 
 @pytest.mark.e2e
-def test_a_study_whose_trials_all_fail_stops_after_three_and_exits_1(stores, tmp_path):
+def test_a_study_whose_trials_all_fail_stops_after_three_and_exits_1(stores, tmp_path,
+                                                                     poisoned_env):
     path = _study_file(tmp_path, "broken", search={"n_trials": 8},
-                       space={"activation": "no_such_activation"})
-    proc = _run(path, tmp_path)
+                       space={"activation": POISON})
+    proc = _run(path, tmp_path, env=poisoned_env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     trials = _trials(stores["storage"], "broken")
@@ -178,7 +180,7 @@ def test_a_study_whose_trials_all_fail_stops_after_three_and_exits_1(stores, tmp
     assert "stopped; study broken: 0 complete, 0 pruned, 3 failed trials" in out
     assert "3 trials failed in a row (trials 0, 1, 2; search.max_consecutive_failures=3)" in out
     assert f"last failed trial 2: {trials[2].user_attrs['fail_reason']}" in out
-    assert "no_such_activation" in trials[2].user_attrs["fail_reason"]
+    assert "injected failure" in trials[2].user_attrs["fail_reason"]
     last_line = trials[2].user_attrs["traceback"].rstrip().splitlines()[-1]
     assert f"  {last_line}" in out  # the traceback's tail
     assert "next: make retrain" not in out
@@ -206,12 +208,13 @@ def test_an_invocation_with_no_finished_trial_because_of_failures_fails(stores, 
 
 
 @pytest.mark.e2e
-def test_workers_are_not_replaced_once_the_study_stopped_for_failures(stores, tmp_path):
+def test_workers_are_not_replaced_once_the_study_stopped_for_failures(stores, tmp_path,
+                                                                     poisoned_env):
     # each worker process runs one trial: without the parent's check, it would start 8
     path = _study_file(tmp_path, "broken_workers",
                        search={"n_trials": 8, "trials_per_worker": 1},
-                       space={"activation": "no_such_activation"})
-    proc = _run(path, tmp_path, "--workers", "2")
+                       space={"activation": POISON})
+    proc = _run(path, tmp_path, "--workers", "2", env=poisoned_env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     trials = _trials(stores["storage"], "broken_workers")

@@ -1,8 +1,9 @@
 """mnist-opt: Optuna searches of Keras models on MNIST and Fashion-MNIST, tracked in MLflow.
 
-Exit status: 0 done, 2 bad input (unknown study, invalid study file, missing or corrupt
-data, bad storage or tracking store, nothing to retrain), 130 interrupted, 1 anything else. Heavy imports (TensorFlow, MLflow) are
-deferred so that ``list`` and argument errors answer at once.
+Exit status: 0 done; 2 bad input (unknown study, invalid or changed study file, missing or
+corrupt data, bad storage or tracking store, nothing to retrain); 1 a study stopped because
+its trials keep failing, or anything else; 130 interrupted. Heavy imports (TensorFlow, MLflow)
+are deferred so that ``--help``, ``list`` and ``check`` answer at once.
 """
 from __future__ import annotations
 
