@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results lr-find predict list check docs test bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results lr-find predict list check docs test test-fast bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -73,6 +73,9 @@ docs: install  ## regenerate the README's parameter table from mnist_opt/study/p
 
 test: install pg browser  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## the quick loop (< 2 min): no browser, no PostgreSQL, no training beyond seconds
+	$(BIN)/python -m pytest -m "not slow and not browser and not postgres" $(PYTEST_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'

@@ -1,10 +1,25 @@
-"""Shared fixtures: real data from $MNIST_OPT_DATA, and throw-away Optuna/MLflow stores."""
+"""Shared fixtures: real data from $MNIST_OPT_DATA, throw-away Optuna/MLflow stores, a
+throw-away PostgreSQL server and MLflow tracking server (127.0.0.1 only), and what a seeded
+random sampler proposes (to show that a model-based sampler, not its random start-up, ran).
+
+Markers (setup.cfg): ``slow`` trains for more than a few seconds or runs whole studies,
+``postgres`` starts PostgreSQL, ``browser`` drives chromium; ``make test-fast`` runs the rest.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Callable, Iterator
 
 import mlflow
+import optuna
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,6 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests read the real datasets; CI points MNIST_OPT_DATA at ../shared/data.
 os.environ.setdefault("MNIST_OPT_DATA", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start the servers below carry their marks, however they got the fixture."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "postgres" in names:
+            item.add_marker(pytest.mark.postgres)
+        if "mlflow_server" in names:  # starting it takes several seconds
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -125,3 +150,84 @@ def poisoned_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path}
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_mlflow_server(backend: str, root: Path, timeout: float = 180.0) -> Iterator[dict[str, str]]:
+    """``mlflow server`` on 127.0.0.1 with ``backend`` as its store and artifacts proxied to
+    ``root/artifacts``; yields ``{"uri", "backend", "artifacts", "log"}``, stops it afterwards."""
+    root.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), root / "mlflow-server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", backend,
+           "--artifacts-destination", str(root / "artifacts")]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(log, "wb") as out:  # the server starts uvicorn and a job runner: one process group
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"mlflow server on {uri} did not start "
+                                   f"(exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"uri": uri, "backend": backend, "artifacts": str(root / "artifacts"),
+               "log": str(log)}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One MLflow tracking server for the session, as users on several machines would share
+    one: SQLite behind it, artifacts proxied by it. Point a test at it with
+    ``MLFLOW_TRACKING_URI=mlflow_server["uri"]`` (its env, or ``monkeypatch.setenv``).
+    Tests share it: give each its own experiment (study) name."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root) as server:
+        yield server
+
+
+@pytest.fixture
+def random_proposals() -> Callable[..., list[dict]]:
+    """``random_proposals(cfg, n)``: the params of the first ``n`` trials that
+    ``RandomSampler(seed=cfg.search.seed)`` proposes for the study's space.
+
+    Optuna's TPE, GP and NSGA-II samplers draw their start-up trials from exactly this
+    random sampler, so a trial past the start-up whose params equal these was not proposed
+    by the model-based sampler."""
+    from mnist_opt.study.space import suggest_params
+
+    def propose(cfg, n: int) -> list[dict]:
+        study = optuna.create_study(directions=cfg.directions,
+                                    sampler=optuna.samplers.RandomSampler(seed=cfg.search.seed))
+        out = []
+        for _ in range(n):
+            trial = study.ask()
+            suggest_params(trial, cfg)
+            study.tell(trial, [0.0] * len(cfg.directions))
+            out.append(trial.params)
+        return out
+
+    return propose

@@ -107,6 +107,22 @@ def _existing_study(storage: str) -> list:
     return [(t.number, t.state, t.value) for t in study.trials]
 
 
+def _written(folder: Path, tracking: str) -> tuple:
+    """What a command could have written: the files under ``folder`` (stores, locks, a path
+    read from a bad URL) and the MLflow store's experiments and runs."""
+    from mlflow.tracking import MlflowClient
+
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if not p.relative_to(folder).parts[0] == "data")  # the test's own copy
+    if not Path(tracking.removeprefix("sqlite:///")).exists():
+        return files, None
+    client = MlflowClient(tracking)
+    exps = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in exps]) if exps else []
+    return files, sorted(e.name for e in exps), sorted(r.info.run_id for r in runs)
+
+
+@pytest.mark.slow  # each case starts mnist-opt, which loads TensorFlow first: 5-15 s here
 @pytest.mark.parametrize("case", ["corrupt_data", "missing_data", "bad_storage_url",
                                   "unreachable_storage", "unwritable_mlruns"])
 def test_bad_input_exits_2_with_one_error_and_changes_nothing(stores, tmp_path, case):
@@ -139,9 +155,15 @@ def test_bad_input_exits_2_with_one_error_and_changes_nothing(stores, tmp_path, 
         (tmp_path / "blocker").write_text("a file where a directory should be")
         env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'blocker' / 'mlflow.db'}"}
         expect = "cannot open the MLflow tracking store"
+    written = _written(tmp_path, stores["tracking"])
     proc = _cli(tmp_path, *args, **env)
+    after = _written(tmp_path, stores["tracking"])
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert expect in proc.stderr and "Traceback" not in proc.stderr
     assert sum("mnist-opt: error:" in line for line in proc.stderr.splitlines()) == 1
+    # the default storage's study (the one the data and MLflow cases would have continued)
     study = optuna.load_study(study_name="mlp_tpe", storage=stores["storage"])
     assert [(t.number, t.state, t.value) for t in study.trials] == before
+    # and nothing else: the storage-URL cases never reach that storage, so what would show
+    # there is a tracking store, experiment, run or file written before the URL was checked
+    assert after == written

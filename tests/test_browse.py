@@ -18,7 +18,7 @@ from mnist_opt.study.config import find_study, with_overrides
 from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _free_port() -> int:

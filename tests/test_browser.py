@@ -33,7 +33,7 @@ ARTIFACTS = Path(os.environ.get("MNIST_OPT_TEST_ARTIFACTS",
 WAIT = 90.0  # seconds for a page to render: the SPAs are heavy and CI machines are slow
 START = 300.0  # seconds for a server to answer: mlflow ui starts a dozen Python processes
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.slow]
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,24 @@ from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
+slow = pytest.mark.slow  # not in `make test-fast`
 
 N_TRIALS, EPOCHS, SUBSET = 3, 2, 3000
+
+
+def _startup(cfg, n: int):
+    """``cfg`` with ``n_startup_trials=n``: the trials after the first ``n`` are the
+    model-based sampler's, not its random start-up's."""
+    return cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_startup_trials": n})})
+
+
+def _relative_params(trial: optuna.trial.FrozenTrial, key: str) -> dict:
+    """The params a sampler's ``sample_relative`` proposed for ``trial``: TPE (multivariate)
+    and GP share them with other workers in the trial's system attrs as ``<key>:0``, ``:1``…"""
+    chunks = []
+    while f"{key}:{len(chunks)}" in trial.system_attrs:
+        chunks.append(trial.system_attrs[f"{key}:{len(chunks)}"])
+    return json.loads("".join(chunks)) if chunks else {}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +65,7 @@ def _runs(client: MlflowClient, name: str, kind: str):
     return client.search_runs([exp.experiment_id], f"tags.`mnist_opt.kind` = '{kind}'")
 
 
+@slow
 def test_trials_are_in_storage_with_states(finished):
     study = optuna.load_study(study_name="mlp_tpe", storage=finished["storage"])
     assert len(study.trials) == N_TRIALS
@@ -58,6 +76,7 @@ def test_trials_are_in_storage_with_states(finished):
     assert all(t.user_attrs.get("mlflow_run_id") for t in study.trials)
 
 
+@slow
 def test_one_parent_run_and_one_nested_run_per_trial(finished):
     client = finished["client"]
     parents = _runs(client, "mlp_tpe", "study")
@@ -73,6 +92,7 @@ def test_one_parent_run_and_one_nested_run_per_trial(finished):
     assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in study.trials}
 
 
+@slow
 def test_nested_runs_hold_params_curves_state_and_models(finished):
     client = finished["client"]
     for trial in finished["study"].trials:
@@ -96,6 +116,7 @@ def test_nested_runs_hold_params_curves_state_and_models(finished):
             assert run.data.tags["state"] == "pruned" and run.info.status == "KILLED"
 
 
+@slow
 def test_retrain_logs_test_accuracy_and_registers_a_model(finished):
     res, client = finished["retrain"], finished["client"]
     study = finished["study"]
@@ -115,6 +136,7 @@ def test_retrain_logs_test_accuracy_and_registers_a_model(finished):
     assert (probs.argmax(axis=1) == ds.y_test[:200]).mean() > 0.5
 
 
+@slow
 def test_retrain_logs_evaluation_pictures_and_the_baseline(finished):
     """Confusion matrix, per-class report and misclassified grid as artifacts, and the study
     file's baseline trained on the same images as a nested run, its accuracy beside ours."""
@@ -145,6 +167,7 @@ def test_retrain_logs_evaluation_pictures_and_the_baseline(finished):
     assert run.data.metrics["gain_over_baseline"] == pytest.approx(res.test_accuracy - base_acc)
 
 
+@slow
 def test_retrain_with_seeds_reports_mean_and_std_of_nested_runs(finished):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(finished["tmp"])
@@ -173,6 +196,7 @@ def test_retrain_with_seeds_reports_mean_and_std_of_nested_runs(finished):
     assert f"{res.test_accuracy:.2%} ± {res.test_std:.2%}" in text and "| mlp_tpe |" in text
 
 
+@slow
 def test_rerun_continues_the_study_to_its_target(finished, capsys):
     """n_trials is the study's target: the same target does nothing, a higher one adds trials."""
     with pytest.MonkeyPatch.context() as mp:
@@ -187,16 +211,29 @@ def test_rerun_continues_the_study_to_its_target(finished, capsys):
     assert len(_runs(finished["client"], "mlp_tpe", "study")) == 2
 
 
-def test_cnn_study_with_gp_sampler(stores):
-    cfg = with_overrides(find_study("cnn_gp"), n_trials=2, max_epochs=1, train_subset=1000)
+@slow
+def test_cnn_study_with_gp_sampler(stores, random_proposals):
+    """One random start-up trial, then a trial the Gaussian process proposes."""
+    cfg = _startup(with_overrides(find_study("cnn_gp"), n_trials=2, max_epochs=1,
+                                  train_subset=1000), 1)
     study = run_study(cfg, stores["storage"], verbose=False, progress=False)
-    assert len(study.trials) == 2
     assert isinstance(study.sampler, optuna.samplers.GPSampler)
-    states = [t.state for t in study.trials]  # Hyperband may prune the second at epoch 1
+    trials = study.trials
+    assert len(trials) == 2
+    states = [t.state for t in trials]  # Hyperband may prune the second at epoch 1
+    # the GP fits COMPLETE trials only: without one, trial 1 would be random again
     assert states[0] == optuna.trial.TrialState.COMPLETE
     assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    assert all({"convs_per_block", "augment"} <= set(t.params) for t in study.trials)
-    assert all(t.user_attrs["n_params"] > 0 for t in study.trials)
+    assert all({"convs_per_block", "augment"} <= set(t.params) for t in trials)
+    assert all(t.user_attrs["n_params"] > 0 for t in trials)
+    random = random_proposals(cfg, 2)
+    assert trials[0].params == random[0]  # the start-up trial: the seeded random sampler's
+    # trial 1 is the GP's: every parameter came from its sample_relative (GP's own record),
+    # and not what the random start-up sampler would have drawn next
+    gp = _relative_params(trials[1], "gp:relative_params")
+    assert gp and set(gp) == set(trials[1].params)
+    assert all(trials[1].params[k] == pytest.approx(v) for k, v in gp.items())
+    assert trials[1].params != random[1]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -204,16 +241,27 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@slow
 def test_cli_study_then_retrain(stores, tmp_path):
     quick = ["--n-trials", "2", "--max-epochs", "1", "--train-subset", "1000"]
     proc = _cli("study", "fashion_mlp_tpe", *quick, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "study fashion_mlp_tpe: 2 complete" in proc.stdout or "pruned" in proc.stdout
+    # the summary line reports what the storage holds: 2 finished trials, none failed
+    found = re.search(r"study fashion_mlp_tpe: (\d+) complete, (\d+) pruned, (\d+) failed trials "
+                      r"in storage \(target: 2 finished\)", proc.stdout)
+    assert found, proc.stdout[-3000:]
+    complete, pruned, failed = map(int, found.groups())
+    assert complete + pruned == 2 and complete >= 1 and failed == 0
+    study = optuna.load_study(study_name="fashion_mlp_tpe", storage=stores["storage"])
+    states = [t.state for t in study.trials]
+    assert (states.count(optuna.trial.TrialState.COMPLETE),
+            states.count(optuna.trial.TrialState.PRUNED), len(states)) == (complete, pruned, 2)
     proc = _cli("retrain", "fashion_mlp_tpe", *quick, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy 0." in proc.stdout and "best validation accuracy 0." in proc.stdout
 
 
+@slow  # no training, but `mnist-opt study/retrain` loads TensorFlow first: 5-10 s
 def test_cli_unknown_study_lists_known_ones(stores, tmp_path):
     proc = _cli("study", "mlp_tpee", cwd=tmp_path)
     assert proc.returncode == 2
@@ -221,6 +269,7 @@ def test_cli_unknown_study_lists_known_ones(stores, tmp_path):
     assert "cnn_gp" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@slow  # no training, but `mnist-opt study/retrain` loads TensorFlow first: 5-10 s
 def test_cli_invalid_study_file_names_file_field_and_allowed_values(stores, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "studies" / "mlp_tpe.yaml").read_text().replace("sampler: tpe",
@@ -231,6 +280,7 @@ def test_cli_invalid_study_file_names_file_field_and_allowed_values(stores, tmp_
     assert "Traceback" not in proc.stderr
 
 
+@slow  # no training, but `mnist-opt study/retrain` loads TensorFlow first: 5-10 s
 def test_cli_retrain_without_a_study_says_what_to_run(stores, tmp_path):
     proc = _cli("retrain", "mlp_random", cwd=tmp_path)
     assert proc.returncode == 2
@@ -245,10 +295,14 @@ def test_cli_list_shows_every_shipped_study(stores, tmp_path):
         assert name in proc.stdout
 
 
-def test_same_study_file_and_seed_give_the_same_split_and_params(tmp_path, monkeypatch):
-    """Sequential runs with one seed: identical sampled params; seed and versions logged."""
-    cfg = with_overrides(find_study("mlp_tpe", ROOT / "studies"), n_trials=3, max_epochs=1,
-                         train_subset=1000)
+@slow
+def test_same_study_file_and_seed_give_the_same_split_and_params(tmp_path, monkeypatch,
+                                                                 random_proposals):
+    """Sequential runs with one seed: identical sampled params, those of TPE's model past its
+    one start-up trial; seed and versions logged."""
+    cfg = _startup(with_overrides(find_study("mlp_tpe", ROOT / "studies"), n_trials=3,
+                                  max_epochs=1, train_subset=1000), 1)
+    random = random_proposals(cfg, 3)
     sequences = []
     for i in range(2):
         monkeypatch.chdir(tmp_path)
@@ -256,6 +310,12 @@ def test_same_study_file_and_seed_give_the_same_split_and_params(tmp_path, monke
         study = run_study(cfg, f"sqlite:///{tmp_path / f'optuna{i}.db'}", verbose=False,
                           progress=False)
         sequences.append([t.params for t in study.trials])
+        trials = study.trials
+        assert trials[0].params == random[0]  # start-up: the seeded random sampler's
+        for t in trials[1:]:  # then TPE's: its multivariate proposal is recorded in the trial,
+            tpe = _relative_params(t, "tpe:relative_params")  # and differs from random's
+            assert tpe and all(t.params[k] == pytest.approx(v) for k, v in tpe.items())
+            assert t.params != random[t.number]
         parent = MlflowClient().get_run(study.user_attrs["last_mlflow_parent_run_id"])
         assert parent.data.params["search.seed"] == "48"
         assert parent.data.params["data.seed"] == "48"
@@ -264,6 +324,7 @@ def test_same_study_file_and_seed_give_the_same_split_and_params(tmp_path, monke
     assert sequences[0] == sequences[1] and len(sequences[0]) == 3
 
 
+@slow
 def test_study_run_holds_optuna_plots_as_html_and_png(finished):
     client = finished["client"]
     parent = _runs(client, "mlp_tpe", "study")[-1]  # the fixture's own invocation
@@ -275,6 +336,7 @@ def test_study_run_holds_optuna_plots_as_html_and_png(finished):
         assert {f"plots/{plot}.html", f"plots/{plot}.png"} <= names, (plot, skipped)
 
 
+@slow
 def test_report_prints_the_top_trials_and_writes_plots(finished, tmp_path):
     proc = _cli("report", "mlp_tpe", "--storage", finished["storage"], "--top", "2",
                 cwd=tmp_path)

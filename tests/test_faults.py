@@ -17,7 +17,7 @@ from mnist_opt.study.config import load_config
 from mnist_opt.search.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TS = optuna.trial.TrialState
 
 

@@ -24,7 +24,7 @@ def test_open_study_sets_metric_names(tmp_path, monkeypatch, name, names):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        study = open_study(cfg, make_storage(url))
+        study, _ = open_study(cfg, make_storage(url))
     assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
     assert study.metric_names == names
 
@@ -38,7 +38,7 @@ def test_open_study_sets_metric_names(tmp_path, monkeypatch, name, names):
     assert columns == [f"{prefix}_{n}" for n in names]
 
     # Continuing the study opens it again: the names stay, nothing is duplicated.
-    again = open_study(cfg, make_storage(url))
+    again, _ = open_study(cfg, make_storage(url))
     assert again.metric_names == names and len(again.trials) == 1
 
 

@@ -14,8 +14,15 @@ from mnist_opt.study.objectives import pick
 from mnist_opt.reporting.report import table
 from mnist_opt.training.retrain import retrain
 from mnist_opt.search.runner import run_study
+from mnist_opt.study.space import suggest_params
+from mnist_opt.training.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _search(cfg, **update):
+    """``cfg`` with its ``search`` section updated (sampler, n_startup_trials…)."""
+    return cfg.model_copy(update={"search": cfg.search.model_copy(update=update)})
 
 
 def _study(points: list[tuple[float, float]]) -> optuna.Study:
@@ -49,14 +56,25 @@ def test_two_objectives_refuse_a_pruner(tmp_path: Path):
 
 
 @pytest.mark.e2e
-def test_size_study_keeps_a_front_and_retrain_takes_the_picked_trial(stores):
-    cfg = with_overrides(find_study("mlp_size_tpe"), n_trials=4, max_epochs=1, train_subset=1500)
+@pytest.mark.slow
+def test_size_study_keeps_a_front_and_retrain_takes_the_picked_trial(stores, random_proposals):
+    # two random start-up trials, then two of the multi-objective TPE's
+    cfg = _search(with_overrides(find_study("mlp_size_tpe"), n_trials=4, max_epochs=1,
+                                 train_subset=1000), n_startup_trials=2)
     study = run_study(cfg, stores["storage"], verbose=False, progress=False)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    for t in trials:  # the second objective is the model's real parameter count
-        assert t.values[1] == t.user_attrs["n_params"] and t.user_attrs["epochs"] == 1
+    # Multi-objective TPE is univariate (it records nothing in the trial): its trials show
+    # by differing from what the seeded random start-up sampler would have drawn next.
+    random = random_proposals(cfg, 4)
+    assert [t.params for t in trials[:2]] == random[:2]
+    assert all(t.params != r for t, r in zip(trials[2:], random[2:]))
+    for t in trials:  # the second objective is the parameter count of the trial's model,
+        # counted again here on a model rebuilt from the trial's params
+        params = suggest_params(optuna.trial.FixedTrial(t.params), cfg)
+        assert t.values[1] == build_model(params).count_params() and t.user_attrs["epochs"] == 1
     chosen = pick(study, cfg.search.pick_tolerance)
     client = MlflowClient()
     parent = client.get_run(study.user_attrs["last_mlflow_parent_run_id"])
@@ -71,13 +89,30 @@ def test_size_study_keeps_a_front_and_retrain_takes_the_picked_trial(stores):
     assert float(run.data.tags["source_n_params"]) == chosen.values[1]
 
 
-def test_nsga2_sampler_for_two_objectives():
-    from mnist_opt.search.samplers import make_sampler
-
-    cfg = find_study("mlp_size_tpe")
-    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"sampler": "nsga2"})})
-    sampler = make_sampler(cfg)
-    assert isinstance(sampler, optuna.samplers.NSGAIISampler)
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_nsga2_sampler_breeds_a_second_generation(stores, random_proposals):
+    """The study file's n_startup_trials is NSGA-II's population size: 2 random trials, then
+    2 children of them (crossover and mutation), in the study the runner builds."""
+    cfg = _search(with_overrides(find_study("mlp_size_tpe"), n_trials=4, max_epochs=1,
+                                 train_subset=600), sampler="nsga2", n_startup_trials=2)
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    key = optuna.samplers.NSGAIISampler._get_generation_key()
+    assert [t.system_attrs[key] for t in trials] == [0, 0, 1, 1]
+    random = random_proposals(cfg, 4)
+    assert [t.params for t in trials[:2]] == random[:2]  # generation 0: random
+    parents = trials[:2]
+    for child, drawn in zip(trials[2:], random[2:]):
+        assert child.params != drawn  # not the random sampler's next draw
+        # crossover copies each parameter from a parent, mutation redraws about one in n:
+        # most of a child's values are a parent's (a random draw's float values never are)
+        shared = set(child.params).intersection(*(p.params for p in parents))
+        inherited = [k for k in shared
+                     if any(child.params[k] == pytest.approx(p.params[k]) for p in parents)]
+        assert len(inherited) > len(shared) / 2, (child.params, [p.params for p in parents])
 
 
 def test_latency_objective_times_a_real_forward_pass():

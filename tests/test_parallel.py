@@ -1,4 +1,5 @@
-"""Parallel workers share one study: on PostgreSQL (two workers) and on the default SQLite file."""
+"""Parallel workers share one study: on PostgreSQL with an MLflow tracking server (two workers,
+as on several machines) and on the default SQLite files (two shells on one machine)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TS = optuna.trial.TrialState
 
 
@@ -48,9 +49,13 @@ def _check_consistent(storage: str, name: str, tracking: str) -> list[optuna.tri
     return trials
 
 
-def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
+@pytest.mark.postgres
+def test_two_workers_share_a_study_on_postgresql(postgres, mlflow_server, tmp_path):
+    """Optuna on a PostgreSQL server, MLflow through a tracking server: what users whose
+    workers run on several machines point them at (not MLflow's database itself)."""
     path = _study_file(tmp_path, "pg_parallel", n_trials=8, trials_per_worker=3)
-    env = {"OPTUNA_STORAGE": postgres["optuna"], "MLFLOW_TRACKING_URI": postgres["mlflow"]}
+    tracking = mlflow_server["uri"]
+    env = {"OPTUNA_STORAGE": postgres["optuna"], "MLFLOW_TRACKING_URI": tracking}
     proc = _study(path, tmp_path, env, "--workers", "2")  # with the progress bar
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-4000:]
@@ -59,18 +64,26 @@ def test_two_workers_share_a_study_on_postgresql(postgres, tmp_path):
     final = out.replace("\r", "\n").split("pg_parallel: 100%")[-1].splitlines()[0]
     assert "8/8" in final and "best=0." in final and "running=0" in final
     assert "finished with value" not in out and "Trial 3 pruned" not in out
-    trials = _check_consistent(postgres["optuna"], "pg_parallel", postgres["mlflow"])
+    trials = _check_consistent(postgres["optuna"], "pg_parallel", tracking)
     assert len(trials) == 8
     # shares of 4 and 4, each run as 3 + 1 by a fresh process: four processes in all
     assert len({t.user_attrs["pid"] for t in trials}) == 4
     assert all(t.user_attrs["rss_mb"] > 100 for t in trials)  # TensorFlow alone is more
     assert all(t.state in (TS.COMPLETE, TS.PRUNED) for t in trials)
-    client = MlflowClient(postgres["mlflow"])
+    client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("pg_parallel")
     parents = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     trial_runs = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'trial'")
     assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parents[0].info.run_id}
+    # the runs went through the server: its store holds them, its artifact proxy the models
+    assert MlflowClient(mlflow_server["backend"]).get_experiment_by_name("pg_parallel")
+    complete = [t for t in trials if t.state == TS.COMPLETE]
+    assert complete
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert {m.source_run_id for m in models} >= {t.user_attrs["mlflow_run_id"] for t in complete}
+    stored = [p for p in Path(mlflow_server["artifacts"]).rglob("*") if p.is_file()]
+    assert any(p.name == "MLmodel" for p in stored), stored[:20]
 
 
 def test_two_shells_on_a_fresh_sqlite_file(tmp_path):

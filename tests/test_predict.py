@@ -196,6 +196,7 @@ LINE = re.compile(r"^(?P<path>.+): (?P<name>.+) \(p=(?P<p>[0-9.]+)\)   top-3: (?
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `registered` trains and logs a model
 def test_cli_prints_the_class_and_top_3_per_image(registered, mnist, capsys):
     a, b = registered["sure"]
     folder = registered["tmp"] / "images"
@@ -227,6 +228,7 @@ def test_cli_prints_the_class_and_top_3_per_image(registered, mnist, capsys):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `registered` trains and logs a model
 def test_predict_returns_the_models_probabilities(registered, mnist):
     from mnist_opt.training.predict import predict
 
@@ -243,6 +245,7 @@ def test_predict_returns_the_models_probabilities(registered, mnist):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `registered` trains and logs a model
 def test_the_dataset_comes_from_the_study_run_when_no_study_file_names_it(registered, mnist,
                                                                           capsys):
     import mlflow
@@ -273,6 +276,7 @@ def _one_error(err: str) -> str:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `registered` trains and logs a model
 def test_an_unknown_model_exits_2_with_one_error(registered, mnist, capsys):
     path = registered["tmp"] / "digit.png"
     Image.fromarray(mnist.x_test[0]).save(path)
@@ -283,6 +287,7 @@ def test_an_unknown_model_exits_2_with_one_error(registered, mnist, capsys):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `registered` trains and logs a model
 def test_a_bad_image_exits_2_naming_the_file(registered, mnist, capsys):
     good, bad = registered["tmp"] / "digit.png", registered["tmp"] / "notes.png"
     Image.fromarray(mnist.x_test[0]).save(good)
@@ -293,6 +298,7 @@ def test_a_bad_image_exits_2_naming_the_file(registered, mnist, capsys):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `registered` trains and logs a model
 def test_no_tracking_store_here_is_an_error_that_creates_none(registered, monkeypatch, tmp_path):
     from mnist_opt.training.predict import predict
 

@@ -168,6 +168,7 @@ def _run(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_study_whose_trials_all_fail_stops_after_three_and_exits_1(stores, tmp_path,
                                                                      poisoned_env):
     path = _study_file(tmp_path, "broken", search={"n_trials": 8},
@@ -192,6 +193,7 @@ def test_a_study_whose_trials_all_fail_stops_after_three_and_exits_1(stores, tmp
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_an_invocation_with_no_finished_trial_because_of_failures_fails(stores, tmp_path,
                                                                         monkeypatch):
     def broken(*args, **kwargs):
@@ -208,6 +210,7 @@ def test_an_invocation_with_no_finished_trial_because_of_failures_fails(stores, 
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_workers_are_not_replaced_once_the_study_stopped_for_failures(stores, tmp_path,
                                                                      poisoned_env):
     # each worker process runs one trial: without the parent's check, it would start 8
@@ -232,6 +235,7 @@ def _resume_study_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_kill_9_then_resume_at_once_fails_the_killed_trial(stores, tmp_path):
     path = _resume_study_file(tmp_path)
     # a grace period longer than the test: only the dead-owner check can fail the trial

@@ -15,7 +15,6 @@ from mnist_opt.search.runner import run_study
 from mnist_opt.search.versions import StudyChangedError
 from mnist_opt.study.config import find_study, load_config, section_changes
 
-pytestmark = pytest.mark.e2e
 
 
 def _file(tmp_path: Path, units_high: int = 32, n_trials: int = 1) -> Path:
@@ -43,6 +42,8 @@ def test_section_changes_name_each_key_old_and_new():
     assert section_changes(old, old) == []
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_widened_range_is_refused_until_mixed_knowingly(stores, tmp_path):
     run_study(load_config(_file(tmp_path)), stores["storage"], verbose=False, progress=False)
     assert _parent_runs("grow") == 1
@@ -73,6 +74,8 @@ def test_a_widened_range_is_refused_until_mixed_knowingly(stores, tmp_path):
     assert yaml.safe_load(Path(section).read_text())["space"]["units"]["high"] == 64
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_study_from_before_is_changed_with_keys_unknown(stores, tmp_path):
     cfg = load_config(_file(tmp_path))
     study = optuna.create_study(study_name="grow", storage=stores["storage"])
@@ -86,6 +89,8 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=600)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_new_version_is_its_own_study_everywhere(stores, tmp_path):
     path = _file(tmp_path)
     assert _cli(tmp_path, "study", str(path), "-q").returncode == 0

@@ -34,8 +34,22 @@ def _config(args: argparse.Namespace):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise StudyFileError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    return with_overrides(find_study(args.name), args.n_trials, args.timeout, args.max_epochs,
-                          args.train_subset)
+    cfg = with_overrides(find_study(args.name), args.n_trials, args.timeout, args.max_epochs,
+                         args.train_subset)
+    _heavy(args)  # only now: a bad name or file is refused at once, without TensorFlow
+    return cfg
+
+
+# The commands that load TensorFlow (results: through MLflow's Keras flavour).
+HEAVY = ("study", "retrain", "results", "predict", "lr-find")
+
+
+def _heavy(args: argparse.Namespace) -> None:
+    """Import TensorFlow quietly (before Keras and MLflow do it noisily) if the command needs it."""
+    if args.command in HEAVY:
+        from mnist_opt.quiet import import_tensorflow
+
+        import_tensorflow()
 
 
 def _print_rows(rows: list[dict], cols: list[str]) -> None:
@@ -339,11 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt.install()
-    # the commands that load TensorFlow (results: through MLflow's Keras flavour)
-    if args.command in ("study", "retrain", "results", "predict", "lr-find"):
-        from mnist_opt.quiet import import_tensorflow
-
-        import_tensorflow()
+    if args.command in ("results", "predict"):  # the others check their study file first
+        _heavy(args)
     try:
         return COMMANDS[args.command](args)
     except MnistOptError as exc:

@@ -66,8 +66,9 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     url = resolve_storage(storage)
     # Everything that can be wrong with the input is found before anything is written.
     split = study_split(cfg)
+    opened = make_storage(url)  # a bad storage URL: refused before MLflow is touched
     experiment = tracking.open_experiment(cfg.name)
-    study, mixed = open_study(cfg, make_storage(url), mix, argument)
+    study, mixed = open_study(cfg, opened, mix, argument)
     fail_stale(study)
     done = n_finished(study)
     remaining = cfg.search.n_trials - done

@@ -313,7 +313,8 @@ def studies_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     local = Path.cwd() / "studies"
-    return local.resolve() if local.is_dir() else Path(__file__).resolve().parent.parent / "studies"
+    # the studies shipped beside the package: <repo>/studies, two levels above this file
+    return local.resolve() if local.is_dir() else Path(__file__).resolve().parents[2] / "studies"
 
 
 def known_studies(directory: Path | None = None) -> list[str]:
