@@ -40,6 +40,7 @@ from mnist_opt import data  # noqa: E402
 from mnist_opt.study.config import StudyConfig, find_study, with_overrides  # noqa: E402
 from mnist_opt.training.models import build_model  # noqa: E402
 from mnist_opt.search.runner import run_study  # noqa: E402
+from mnist_opt.study.params import table  # noqa: E402
 from mnist_opt.study.space import fixed_space, suggest_params  # noqa: E402
 from mnist_opt.training.loop import compile_model, evaluate, fresh_model, train  # noqa: E402
 
@@ -88,11 +89,14 @@ def run_keras_tuner(cfg: StudyConfig, split: data.Split, tuner_cls, workdir: Pat
     tuner = tuner_cls(build, objective="val_accuracy", directory=str(workdir),
                       project_name=tuner_cls.__name__, overwrite=True, seed=cfg.search.seed,
                       **kwargs)
-    batch = cfg.space.get("batch_size", 128)
+    # keras-tuner takes one batch size for the whole search: the study's if fixed, else the
+    # table's default
+    batch = cfg.space.get("batch_size")
+    batch = batch if isinstance(batch, int) else table(cfg.model)["batch_size"].default
     start = time.perf_counter()
     tuner.search(split.x_train, split.y_train, validation_data=(split.x_val, split.y_val),
-                 batch_size=batch if isinstance(batch, int) else 128, verbose=0, **({} if "max_epochs" in kwargs else
-                                          {"epochs": cfg.training.max_epochs}))
+                 batch_size=batch, verbose=0,
+                 **({} if "max_epochs" in kwargs else {"epochs": cfg.training.max_epochs}))
     wall = time.perf_counter() - start
     trials = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
     # keras-tuner deep-copies callbacks per trial, so count epochs from its own records:

@@ -66,6 +66,23 @@ def test_an_import_inside_a_function_that_breaks_the_layers_is_caught(tmp_path):
     assert f"mnist_opt.study.space -> mnist_opt.cli.main (l.{line})" in out, out
 
 
+def test_a_cycle_through_an_import_inside_a_function_is_caught(tmp_path):
+    """A copy in which the worker module imports the runner lazily, as it once did: the
+    runner imports the workers, so the two form a cycle."""
+    shutil.copytree(ROOT / "mnist_opt", tmp_path / "mnist_opt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "setup.cfg", tmp_path / "setup.cfg")
+    workers = tmp_path / "mnist_opt" / "search" / "workers.py"
+    workers.write_text(workers.read_text() + "\n\ndef _planted():\n"
+                       "    from mnist_opt.search.runner import run_study\n    return run_study\n")
+    proc = _lint(tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    acyclic = next(n for n in _contracts() if "cycles" in n)
+    assert f"{acyclic} BROKEN" in out, out
+    assert "mnist_opt.search.workers" in out and "mnist_opt.search.runner" in out, out
+
+
 def _commands() -> set[str]:
     from mnist_opt.cli.main import build_parser
 

@@ -88,6 +88,21 @@ def test_every_condition_names_an_earlier_choice_with_those_values():
                 assert set(p.when[1]) <= set(source.choices)
 
 
+# The table's content for each TABLE_VERSION. A changed entry fails this test: if the change
+# alters what an existing study file means (a default, a bound, a condition), raise
+# TABLE_VERSION so studies begun under the old meaning are refused as changed; either way,
+# record the new fingerprint here.
+FINGERPRINTS = {2: "3a4e2adc06a67cd3"}
+
+
+def test_a_changed_table_comes_with_a_decision_about_its_version():
+    import hashlib
+
+    from mnist_opt.study.params import TABLE_VERSION
+
+    assert hashlib.sha256(repr(PARAMS).encode()).hexdigest()[:16] == FINGERPRINTS[TABLE_VERSION]
+
+
 @pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"{p.families[0]}-{p.name}")
 def test_each_default_is_allowed(p: Param):
     assert p.accepts(p.default)
@@ -328,6 +343,16 @@ def test_a_condition_that_can_never_hold_is_refused(tmp_path):
     doc = _doc("mlp", {"optimizer": "adam", "weight_decay": {"low": 1e-5, "high": 1e-3}})
     with pytest.raises(InvalidStudyFile, match="weight_decay exists only when optimizer is adamw"):
         load_config(_write(tmp_path, doc))
+
+
+def test_search_settings_that_do_not_go_together_are_reported_with_the_rest(tmp_path):
+    doc = _doc("mlp", {"activation": "swishy"})
+    doc["search"].update(second_objective="n_params", pruner="hyperband", metric="val_loss")
+    with pytest.raises(InvalidStudyFile) as err:
+        load_config(_write(tmp_path, doc))
+    assert {p.path for p in err.value.problems} == {"search.pruner", "search.direction",
+                                                     "space.activation"}
+    assert "set direction: minimize" in str(err.value)
 
 
 def test_a_grid_study_needs_a_grid_for_every_searched_range(tmp_path):

@@ -129,6 +129,22 @@ def test_a_running_trial_of_a_dead_process_on_this_host_is_failed_and_requeued(t
     assert fail_dead_owners(study) == []  # nothing twice
 
 
+def test_a_process_killed_while_the_sampler_works_leaves_an_owned_trial(tmp_path):
+    """The owner is recorded when the trial is created (study.ask), not when the objective
+    starts: a process that dies inside ask() — GP sampling takes seconds — is seen as gone."""
+    url = f"sqlite:///{tmp_path / 'ask.db'}"
+    optuna.create_study(study_name="ask", storage=make_storage(url))
+    code = ("import os, optuna; from mnist_opt.tracking.storage import make_storage; "
+            f"s = optuna.load_study(study_name='ask', storage=make_storage({url!r})); "
+            "s.ask(); os._exit(9)")  # dies before any objective could run
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 9
+    study = optuna.load_study(study_name="ask", storage=make_storage(url))
+    (trial,) = study.get_trials()
+    assert trial.state == TS.RUNNING and trial.user_attrs["host"] == socket.gethostname()
+    assert owner_gone(trial)
+    assert fail_dead_owners(study) == [0]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_no_success_while_a_trial_is_running_with_no_live_owner(tmp_path):
     study = optuna.create_study(study_name="orphan",

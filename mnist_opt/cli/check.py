@@ -7,15 +7,23 @@ import json
 from pathlib import Path
 
 from mnist_opt.errors import StudyFileError
-from mnist_opt.study.config import InvalidStudyFile, known_studies, load_config, studies_dir
+from mnist_opt.study.config import (VERSION, InvalidStudyFile, known_studies, load_config,
+                                    studies_dir)
 
 
 def _targets(names: list[str]) -> list[Path]:
-    """Study files by name (``studies/NAME.yaml``) or path; every shipped one for none."""
+    """Study files by name (``studies/NAME.yaml``; ``NAME.v2`` is a version of that file) or
+    path; every shipped one for none."""
     if not names:
         return [studies_dir() / f"{name}.yaml" for name in known_studies()]
-    return [Path(n) if n.endswith((".yaml", ".yml")) or "/" in n else studies_dir() / f"{n}.yaml"
-            for n in names]
+    return [Path(n) if n.endswith((".yaml", ".yml")) or "/" in n else _named(n) for n in names]
+
+
+def _named(name: str) -> Path:
+    path, version = studies_dir() / f"{name}.yaml", VERSION.fullmatch(name)
+    if not path.exists() and version:
+        return studies_dir() / f"{version['base']}.yaml"
+    return path
 
 
 def _check(path: Path) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -360,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MnistOptError as exc:
         print(f"mnist-opt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mnist-opt list --params | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

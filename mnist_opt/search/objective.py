@@ -14,7 +14,7 @@ from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
 from mnist_opt.tracking import runs as tracking
-from mnist_opt.tracking.storage import STALE, record_owner
+from mnist_opt.tracking.storage import STALE
 from mnist_opt.training.callbacks import TrialCallback
 from mnist_opt.training.loop import fresh_model, train
 
@@ -38,7 +38,6 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
     second = cfg.search.second_objective
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
-        record_owner(trial)  # first: a resumed study on this host fails it at once if we die
         params = suggest_params(trial, cfg)
         with tracking.trial_run(trial, params, parent):
             try:

@@ -37,6 +37,8 @@ def new_version(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> Study
     the same digest (continued), else the next free ``K`` (from 2: the plain name is 1)."""
     base = base_name(cfg.name)
     versions = _versions(storage, base)
+    if base not in versions:  # no study yet: the first version has the plain name
+        return cfg.model_copy(update={"name": base})
     same = [name for name, attrs in versions.items() if attrs.get("config_digest") == cfg.digest]
     if same:
         return cfg.model_copy(update={"name": sorted(same)[-1]})
@@ -56,8 +58,9 @@ def changes(study: optuna.Study, cfg: StudyConfig) -> list[str] | None:
 
 def refuse(study: optuna.Study, cfg: StudyConfig, what: list[str] | None, argument: str) -> None:
     """Raise the one error that names the changes and both ways out, on one line."""
-    changed = "; ".join(what) if what else "changed, keys unknown (a study from before mnist_opt " \
-                                          "stored its search section)"
+    changed = "; ".join(what) if what else (
+        "changed, keys unknown: the study was begun before mnist_opt stored its search section "
+        "(or under an older parameter table)")
     same = [n for n, attrs in _versions(study._storage, base_name(cfg.name)).items()
             if attrs.get("config_digest") == cfg.digest]
     hint = f", or continue {same[0]}, which this file searches: mnist-opt study {same[0]}" \

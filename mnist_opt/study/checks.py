@@ -202,3 +202,27 @@ def check_space(model: str, space: dict, sampler: str | None, where: str = "spac
 
 def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith((f"{prefix}.", f"{prefix}["))
+
+
+# The direction each metric improves in: a study maximising val_loss searches for the worst.
+METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+def check_search(search: dict) -> list[Problem]:
+    """Settings of ``search`` that are each valid but do not go together (a value that is
+    invalid on its own is the schema's to report)."""
+    problems = []
+    second, pruner = search.get("second_objective"), search.get("pruner", "hyperband")
+    if second and isinstance(pruner, str) and pruner in ("hyperband", "median"):
+        problems.append(Problem("search.pruner", f"{pruner!r}: Optuna's pruners work with one "
+                                f"objective only; set 'pruner: none' for second_objective "
+                                f"{second!r}"))
+    metric = search.get("metric", "val_accuracy")
+    direction = search.get("direction", "maximize")
+    if isinstance(metric, str) and metric in METRIC_DIRECTIONS and \
+            direction in ("maximize", "minimize") and METRIC_DIRECTIONS[metric] != direction:
+        problems.append(Problem("search.direction", f"{direction!r} with metric {metric!r}: "
+                                f"{metric} improves when it goes "
+                                f"{'up' if METRIC_DIRECTIONS[metric] == 'maximize' else 'down'}; "
+                                f"set direction: {METRIC_DIRECTIONS[metric]}"))
+    return problems

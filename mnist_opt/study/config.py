@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from mnist_opt.errors import StudyFileError
-from mnist_opt.study.checks import Problem, check_space, did_you_mean
+from mnist_opt.study.checks import Problem, check_search, check_space, did_you_mean
 from mnist_opt.study.params import FAMILIES, TABLE_VERSION, table
 
 Scalar = Union[bool, int, float, str]
@@ -136,14 +135,6 @@ class StudyConfig(_Strict):
     baseline: Optional[Baseline] = None
     path: Optional[Path] = None
 
-    @model_validator(mode="after")
-    def _two_objectives_need_no_pruner(self) -> "StudyConfig":
-        if self.search.second_objective and self.search.pruner != "none":
-            raise ValueError(f"search.pruner: Optuna's pruners work with one objective only; "
-                             f"set 'pruner: none' for second_objective "
-                             f"{self.search.second_objective!r} (got {self.search.pruner!r})")
-        return self
-
     @property
     def objective_names(self) -> list[str]:
         return [self.search.metric, *([self.search.second_objective] if self.search.second_objective
@@ -163,14 +154,15 @@ class StudyConfig(_Strict):
     def search_section(self) -> dict[str, Any]:
         """What shapes the search, normalised (defaults filled in, JSON types): stored on the
         study and its MLflow run, so a changed file can be named key by key."""
-        return self.model_dump(mode="json", exclude=NOT_SEARCH)
+        return {**self.model_dump(mode="json", exclude=NOT_SEARCH),
+                "parameter_table_version": TABLE_VERSION}
 
     @property
     def digest(self) -> str:
         """A short hash of :meth:`search_section` and the parameter table's version: equal
         for two files that search the same way, however they are written or commented."""
-        section = {**self.search_section(), "parameter_table_version": TABLE_VERSION}
-        return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
+        section = json.dumps(self.search_section(), sort_keys=True)
+        return hashlib.sha256(section.encode()).hexdigest()[:16]
 
     @property
     def report_dir(self) -> Path:
@@ -237,12 +229,15 @@ def _model(doc: dict) -> str | None:
 
 
 def _table_problems(doc: dict) -> list[Problem]:
-    """The space and the baseline's params against the parameter table."""
+    """What the schema alone cannot say: the space and the baseline's params against the
+    parameter table, and search settings that do not go together."""
     model, space, baseline = _model(doc), doc.get("space"), doc.get("baseline")
-    if model is None:
-        return []  # the schema reports the model; nothing can be said of its parameters
     search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
-    problems = check_space(model, space, search.get("sampler", "tpe")) if isinstance(space, dict) else []
+    problems = check_search(search)
+    if model is None:  # the schema reports the model; nothing can be said of its parameters
+        return problems
+    if isinstance(space, dict):
+        problems += check_space(model, space, search.get("sampler", "tpe"))
     if isinstance(baseline, dict) and isinstance(baseline.get("params"), dict):
         problems += check_space(model, baseline["params"], None, "baseline.params", fixed=True)
     return problems

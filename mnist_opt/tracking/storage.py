@@ -85,13 +85,35 @@ class _Storage(optuna.storages.RDBStorage):
         reason = f"{STALE}: no heartbeat for {self.grace_period} s (worker killed or hung)"
         return [i for i in super()._get_stale_trial_ids(study_id) if _mark_stale(self, i, reason)]
 
+    # A trial records its owner the moment it becomes RUNNING in this process — created by
+    # study.ask(), or a queued one taken — not when the objective starts: a process killed
+    # while the sampler works (GP sampling takes seconds) leaves no ownerless RUNNING trial.
+    # (Optuna's cached storage creates trials through the private _create_new_trial.)
 
-def record_owner(trial: optuna.Trial) -> None:
-    """Record which host and process run the trial; the process's start time tells a reused
-    pid from the owner."""
+    def _create_new_trial(self, study_id: int, template_trial=None):
+        trial = super()._create_new_trial(study_id, template_trial)
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            trial.user_attrs.update(self._own(trial._trial_id))
+        return trial
+
+    def set_trial_state_values(self, trial_id: int, state, values=None) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed and state == optuna.trial.TrialState.RUNNING:  # a queued trial, taken
+            self._own(trial_id)
+        return changed
+
+    def _own(self, trial_id: int) -> dict:
+        owner = owner_attrs()
+        for key, value in owner.items():
+            self.set_trial_user_attr(trial_id, key, value)
+        return owner
+
+
+def owner_attrs() -> dict:
+    """Which host and process run a trial; the process's start time tells a reused pid from
+    the owner."""
     me = psutil.Process()
-    for key, value in zip(OWNER, (socket.gethostname(), me.pid, me.create_time())):
-        trial.set_user_attr(key, value)
+    return dict(zip(OWNER, (socket.gethostname(), me.pid, me.create_time())))
 
 
 def owner_gone(trial: optuna.trial.FrozenTrial) -> bool:

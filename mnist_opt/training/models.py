@@ -9,6 +9,8 @@ from typing import Any
 import keras
 from keras import layers
 
+from mnist_opt.study.params import FAMILIES, layer_name
+
 INPUT_SHAPE = (28, 28, 1)
 N_CLASSES = 10
 
@@ -27,7 +29,8 @@ def build_mlp(params: dict[str, Any]) -> keras.Model:
     inputs = keras.Input(INPUT_SHAPE)
     x = layers.Flatten()(inputs)
     for i in range(params["n_layers"]):
-        x = _dense_block(x, params[f"units_l{i}"], params, params[f"dropout_l{i}"])
+        x = _dense_block(x, params[layer_name("mlp", "units", i)], params,
+                         params[layer_name("mlp", "dropout", i)])
     outputs = layers.Dense(N_CLASSES, activation="softmax")(x)
     return keras.Model(inputs, outputs, name="mlp")
 
@@ -43,12 +46,12 @@ def build_cnn(params: dict[str, Any]) -> keras.Model:
     """
     inputs = keras.Input(INPUT_SHAPE)
     x, size, k = inputs, INPUT_SHAPE[0], params["kernel_size"]
-    if params.get("augment", 0.0) > 0:
+    if params["augment"] > 0:
         x = layers.RandomTranslation(params["augment"], params["augment"], fill_mode="constant")(x)
     for i in range(params["n_blocks"]):
-        for _ in range(params.get("convs_per_block", 1)):
+        for _ in range(params["convs_per_block"]):
             padding = params["padding"] if size - k + 1 >= 2 else "same"
-            x = layers.Conv2D(params[f"filters_b{i}"], k, padding=padding,
+            x = layers.Conv2D(params[layer_name("cnn", "filters", i)], k, padding=padding,
                               use_bias=not params["batch_norm"])(x)
             size = size if padding == "same" else size - k + 1
             if params["batch_norm"]:
@@ -75,5 +78,5 @@ BUILDERS = {"mlp": build_mlp, "cnn": build_cnn}
 
 def build_model(params: dict[str, Any]) -> keras.Model:
     """The model for a full params dict (as returned by ``space.suggest_params``)."""
-    family = "mlp" if "n_layers" in params else "cnn"
+    family = next(model for model, f in FAMILIES.items() if f.depth in params)
     return BUILDERS[family](params)
