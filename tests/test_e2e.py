@@ -205,7 +205,7 @@ def test_rerun_continues_the_study_to_its_target(finished, capsys):
         assert len(same.trials) == N_TRIALS
         assert "nothing to run" in capsys.readouterr().out
         assert len(_runs(finished["client"], "mlp_tpe", "study")) == 1
-        cfg = with_overrides(finished["cfg"], n_trials=N_TRIALS + 1, max_epochs=1)
+        cfg = with_overrides(finished["cfg"], n_trials=N_TRIALS + 1)
         study = run_study(cfg, finished["storage"], verbose=False, progress=False)
     assert len(study.trials) == N_TRIALS + 1
     assert len(_runs(finished["client"], "mlp_tpe", "study")) == 2

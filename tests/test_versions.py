@@ -55,6 +55,10 @@ def test_a_widened_range_is_refused_until_mixed_knowingly(stores, tmp_path):
     assert "--mix-versions" in msg and "--new-version" in msg and "\n" not in msg
     study = optuna.load_study(study_name="grow", storage=stores["storage"])
     assert len(study.trials) == 1 and _parent_runs("grow") == 1  # nothing written
+    # a study that already has its target runs nothing, so nothing is mixed: no refusal
+    done = run_study(load_config(_file(tmp_path, units_high=64)), stores["storage"],
+                     verbose=False, progress=False)
+    assert len(done.trials) == 1 and done.user_attrs["config_digest"] != wider.digest
 
     # raising n_trials alone is not a change: only the budget grew
     same = load_config(_file(tmp_path, n_trials=2))
@@ -91,10 +95,10 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_new_version_is_its_own_study_everywhere(stores, tmp_path):
+def test_new_version_is_its_own_study_everywhere(stores, tmp_path, monkeypatch):
     path = _file(tmp_path)
     assert _cli(tmp_path, "study", str(path), "-q").returncode == 0
-    _file(tmp_path, units_high=64)
+    _file(tmp_path, units_high=64, n_trials=2)  # a new range, and trials to run with it
     refused = _cli(tmp_path, "study", str(path), "-q")
     assert refused.returncode == 2 and "space.units.high" in refused.stderr
 
@@ -104,11 +108,17 @@ def test_new_version_is_its_own_study_everywhere(stores, tmp_path):
     names = optuna.get_all_study_names(stores["storage"])
     assert sorted(names) == ["grow", "grow.v2"]
     assert MlflowClient().get_experiment_by_name("grow.v2") is not None
-    again = _cli(tmp_path, "study", str(path), "-q", "--new-version", "--n-trials", "2")
+    again = _cli(tmp_path, "study", str(path), "-q", "--new-version", "--n-trials", "3")
     assert again.returncode == 0 and "is study grow.v2" in again.stdout  # continued, no v3
     v2 = optuna.load_study(study_name="grow.v2", storage=stores["storage"])
-    assert len(v2.trials) == 2
+    assert len(v2.trials) == 3
     assert len(optuna.load_study(study_name="grow", storage=stores["storage"]).trials) == 1
+    # the version's name finds the file and the study: report (and retrain) take it
+    monkeypatch.setenv("MNIST_OPT_STUDIES", str(tmp_path))
+    report = _cli(tmp_path, "report", "grow.v2")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "3 trials: 3 complete" in report.stdout
+    assert (tmp_path / "reports" / "grow.v2" / "optimization_history.html").exists()
 
 
 def test_a_version_name_finds_its_file(monkeypatch):

@@ -34,6 +34,8 @@ def open_study(cfg: StudyConfig, storage: str | optuna.storages.BaseStorage, mix
         study_name=cfg.name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg),
         directions=cfg.directions, load_if_exists=True)
     changed = versions.changes(study, cfg)
+    if changed != [] and n_finished(study) >= cfg.search.n_trials:
+        return study, {}  # nothing will run, so nothing is mixed: the study stays as it was
     if changed != [] and not mix:
         versions.refuse(study, cfg, changed, argument or cfg.name)
     recorded = versions.record(study, cfg, changed if changed != [] else None)
