@@ -106,6 +106,11 @@ def test_nested_runs_hold_params_curves_state_and_models(finished):
             [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)])
         for key in ("loss", "accuracy", "val_loss"):
             assert len(client.get_metric_history(run.info.run_id, key)) == len(history)
+        # the epoch log (time to target): one entry per epoch, in time order, same accuracy
+        log = trial.user_attrs["epoch_log"]
+        assert [acc for _, acc in log] == pytest.approx([m.value for m in history])
+        assert [t for t, _ in log] == sorted(t for t, _ in log)
+        assert trial.datetime_start.timestamp() <= log[0][0] <= trial.datetime_complete.timestamp()
         assert run.data.metrics["duration_s"] > 0
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert run.data.tags["state"] == "complete" and run.info.status == "FINISHED"

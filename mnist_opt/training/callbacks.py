@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import keras
 import mlflow
@@ -28,6 +29,7 @@ class TrialCallback(keras.callbacks.Callback):
         self.trial, self.monitor, self.epochs = trial, monitor, epochs
         self.label, self.verbose = label, verbose
         self.report = report  # False in two-objective studies: Optuna cannot prune those
+        self.epoch_log: list[list] = []  # [unix time at the epoch's end, val_accuracy]
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         interrupt.watch(self.model)
@@ -46,6 +48,11 @@ class TrialCallback(keras.callbacks.Callback):
             tqdm.write(f"{self.label} epoch {step}/{self.epochs or '?'}  {shown}".strip())
         if self.trial is None:
             return
+        # when each epoch ended and its validation accuracy: best-so-far curves and time to
+        # target over completed epochs, whatever the study's metric (`mnist-opt compare`)
+        accuracy = logs.get("val_accuracy")
+        self.epoch_log.append([time.time(), None if accuracy is None else float(accuracy)])
+        self.trial.set_user_attr("epoch_log", self.epoch_log)
         if self.monitor not in logs:
             raise KeyError(f"metric {self.monitor!r} is not in Keras's logs {sorted(logs)}; "
                            "check the study file's search.metric")
