@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from keras import layers
 
+from mnist_opt.study.space import DEFAULTS
 from mnist_opt.training.models import build_model
 from mnist_opt.training.loop import make_optimizer
 
@@ -61,9 +62,11 @@ def test_mlp_dropout_follows_its_layer():
 
 
 def _cnn(**overrides) -> dict:
-    params = {"n_blocks": 2, "filters_b0": 16, "filters_b1": 32, "kernel_size": 3,
-              "padding": "same", "pooling": "max", "batch_norm": False, "activation": "relu",
-              "conv_dropout": 0.0, "head": "dense", "dense_units": 64, "dropout": 0.0}
+    """A full CNN params dict: the table's defaults (as suggest_params fills them in) and
+    the values under test."""
+    params = {**DEFAULTS["cnn"], "n_blocks": 2, "filters_b0": 16, "filters_b1": 32,
+              "dense_units": 64}
+    del params["filters"]  # per layer: filters_b{i}
     params.update(overrides)
     return params
 
