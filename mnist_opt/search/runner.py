@@ -71,7 +71,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     # Everything that can be wrong with the input is found before anything is written.
     split = study_split(cfg)
     opened = make_storage(url)  # a bad storage URL: refused before MLflow is touched
-    experiment = tracking.open_experiment(cfg.name)
+    experiment = tracking.open_experiment(cfg.name, outer=True)  # compare's, under compare
     study, mixed = open_study(cfg, opened, mix, argument)
     fail_stale(study)
     done = n_finished(study)
