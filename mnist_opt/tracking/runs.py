@@ -158,6 +158,32 @@ def study_run(cfg, storage: str, extra: dict[str, Any]) -> Iterator[mlflow.Activ
 
 
 @contextlib.contextmanager
+def compare_run(name: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """The run of one ``mnist-opt compare NAME`` invocation, in experiment ``compare-NAME``:
+    the repeats' study runs nest under it (:data:`PARENT_RUN_ENV`). Ends like
+    :func:`study_run`; runs of killed compare processes are closed first (KILLED)."""
+    exp = experiment_id(f"compare-{name}")
+    for run in MlflowClient().search_runs(
+            [exp], "attributes.status = 'RUNNING' and tags.`mnist_opt.kind` = 'compare'"):
+        if dead_here(run.data.tags):
+            close_run(run.info.run_id, "KILLED", {"fail_reason": "process killed"})
+    tags = {"mnist_opt.kind": "compare", "mnist_opt.compare": name,
+            "mnist_opt.host": socket.gethostname(), "mnist_opt.pid": str(os.getpid())}
+    run = mlflow.start_run(experiment_id=exp, tags=tags,
+                           run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    status = "FAILED"
+    try:
+        mlflow.log_params({**params, **{f"version.{pkg}": v for pkg, v in _versions().items()}})
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
 def trial_run(trial: optuna.Trial, params: dict[str, Any],
               parent: mlflow.entities.Run) -> Iterator[mlflow.ActiveRun]:
     """A nested run for one trial; ends FINISHED, KILLED (pruned, interrupted) or FAILED.
