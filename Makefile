@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results lr-find predict list check docs test test-fast bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results lr-find predict compare list check docs test test-fast bench bench-quick dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -61,6 +61,9 @@ lr-find: install  ## LR range test, suggested learning_rate range: make lr-find 
 
 predict: install  ## classify images: make predict IMAGES="a.png b.jpg" [MODEL=models:/mlp_tpe/latest]
 	$(BIN)/mnist-opt predict --model $(or $(MODEL),models:/$(NAME)/latest) $(IMAGES)
+
+compare: install  ## compare strategies by time to target: make compare NAME=mlp_tpe ARGS="--strategies tpe+hyperband random+none --budget-seconds 300" [WORKERS=2]
+	$(BIN)/mnist-opt compare $(NAME) --workers $(WORKERS) $(ARGS)
 
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list

@@ -116,6 +116,27 @@ def failure_streak(trials: Sequence[optuna.trial.FrozenTrial],
     return []
 
 
+def epochs_done(study: optuna.Study) -> int:
+    """Epochs completed by all the study's trials, running ones included (their epoch_log)."""
+    return sum(len(t.user_attrs.get("epoch_log", ())) for t in study.get_trials(deepcopy=False))
+
+
+def budget_spent(cfg: StudyConfig, study: optuna.Study) -> bool:
+    """True once the study's trials completed ``search.epoch_budget`` epochs (never without one)."""
+    budget = cfg.search.epoch_budget
+    return budget is not None and epochs_done(study) >= budget
+
+
+def stop_at_epoch_budget(cfg: StudyConfig):
+    """An Optuna callback: no new trial once the epoch budget is spent, by every worker."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if budget_spent(cfg, study):
+            study.stop()
+
+    return callback
+
+
 def finished_since(study: optuna.Study, since: datetime) -> list[optuna.trial.FrozenTrial]:
     """Trials of every worker that finished since ``since`` (this invocation's parent run)."""
     return [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, FAIL))
@@ -155,11 +176,15 @@ def check_failures(study: optuna.Study, limit: int, since: datetime) -> None:
 def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
              n_trials: int, verbose: bool, callbacks: Sequence = (), freeze: bool = False) -> None:
     """One worker's share: up to ``n_trials`` trials, stopping early once the study has its
-    target, or once its trials keep failing (every worker sees the same storage)."""
+    target, its epoch budget is spent, or its trials keep failing (every worker sees the same
+    storage)."""
+    if budget_spent(cfg, study):
+        return
     study.optimize(
         make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
         timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
         callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
                    stop_on_failures(cfg.search.max_consecutive_failures, started(parent)),
+                   stop_at_epoch_budget(cfg),
                    tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
                    lambda study, trial: interrupt.check(), *callbacks])

@@ -12,8 +12,8 @@ import optuna
 
 from mnist_opt.errors import StudyFailedError
 from mnist_opt.search import versions
-from mnist_opt.search.objective import (check_failures, failure_streak, finished_since, n_finished,
-                                        optimize, started, summary)
+from mnist_opt.search.objective import (budget_spent, check_failures, epochs_done, failure_streak,
+                                        finished_since, n_finished, optimize, started, summary)
 from mnist_opt.search.progress import StudyProgress
 from mnist_opt.search.samplers import hyperband_brackets, make_pruner, make_sampler
 from mnist_opt.study.config import StudyConfig
@@ -62,6 +62,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     ``workers > 1`` the storage, study, MLflow experiment and parent run are created here
     first (fresh SQLite files race on table creation), then worker processes share them.
     ``callbacks`` are extra Optuna callbacks (in-process runs only; the benchmark uses one).
+    ``search.epoch_budget`` stops it too: no new trial, in any worker, once the study's trials
+    completed that many epochs together (``mnist-opt compare --budget-epochs``).
     A study file that changed since the study began is refused unless ``mix`` (see
     :mod:`mnist_opt.search.versions`).
     """
@@ -69,7 +71,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     # Everything that can be wrong with the input is found before anything is written.
     split = study_split(cfg)
     opened = make_storage(url)  # a bad storage URL: refused before MLflow is touched
-    experiment = tracking.open_experiment(cfg.name)
+    experiment = tracking.open_experiment(cfg.name, outer=True)  # compare's, under compare
     study, mixed = open_study(cfg, opened, mix, argument)
     fail_stale(study)
     done = n_finished(study)
@@ -77,6 +79,10 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     if remaining <= 0:
         print(f"study {cfg.name} already has {done} finished trials (target "
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
+        return study
+    if budget_spent(cfg, study):
+        print(f"study {cfg.name} has spent its epoch budget ({epochs_done(study)} of "
+              f"search.epoch_budget={cfg.search.epoch_budget} epochs): nothing to run.")
         return study
     tracking.close_orphans(study, experiment)
     if done:
@@ -102,7 +108,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
                 from mnist_opt.search.workers import run_workers
 
                 def stopped() -> bool:  # the parent reads it from the storage itself
-                    return bool(failure_streak(finished_since(study, since), limit))
+                    return (bool(failure_streak(finished_since(study, since), limit))
+                            or budget_spent(cfg, study))
 
                 run_workers(cfg, url, parent.info.run_id, remaining, workers, verbose, bar, stopped)
             check_failures(study, limit, since)

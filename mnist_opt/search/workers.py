@@ -105,7 +105,7 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     from mnist_opt.tracking import runs as tracking
     from mnist_opt.training.loop import study_split
     from mnist_opt.study.config import StudyConfig
-    from mnist_opt.search.objective import n_finished, optimize
+    from mnist_opt.search.objective import budget_spent, n_finished, optimize
     from mnist_opt.search.samplers import make_pruner, make_sampler
     from mnist_opt.tracking.storage import make_storage
 
@@ -117,7 +117,7 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
                               pruner=make_pruner(cfg))
     # A replacement process may start after the others reached the study's target.
     n_trials = min(n_trials, cfg.search.n_trials - n_finished(study))
-    if n_trials <= 0:
+    if n_trials <= 0 or budget_spent(cfg, study):
         return
     split = study_split(cfg)
     tracking.configure()

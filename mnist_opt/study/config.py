@@ -85,6 +85,9 @@ class SearchConfig(_Strict):
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     n_trials: int = Field(20, ge=1)
     timeout: Optional[int] = Field(None, ge=1)
+    # Epochs completed by all the study's trials together (each trial's epoch_log): no new
+    # trial starts once they reach it. `mnist-opt compare --budget-epochs` sets it.
+    epoch_budget: Optional[int] = Field(None, ge=1)
     seed: int = 48
     # With --workers, a worker process is replaced after this many trials: TensorFlow keeps
     # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
@@ -187,8 +190,8 @@ class InvalidStudyFile(StudyFileError):
 # bookkeeping, retraining and the texts. Editing these continues a study as the same version.
 NOT_SEARCH: dict[str, Any] = {
     "name": True, "path": True, "description": True, "reference": True, "baseline": True,
-    "search": {"n_trials", "timeout", "trials_per_worker", "max_consecutive_failures",
-               "pick_tolerance"},
+    "search": {"n_trials", "timeout", "epoch_budget", "trials_per_worker",
+               "max_consecutive_failures", "pick_tolerance"},
     "training": {"retrain_epochs"}}
 
 _TAGS = {"choice", "range", "fixed", "per-layer"}

@@ -2,6 +2,8 @@
 
 Autologging stays off: it opens and closes runs itself. Runs are opened *before* training
 so per-epoch curves stream in, and closed with the status that matches the trial.
+``mnist-opt compare`` adds one level above: its own run, with each repeat's study run
+nested under it (:data:`PARENT_RUN_ENV`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ DEFAULT_DIR = Path("mlruns")
 INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+# The id of an MLflow run to nest a study's parent run under. `mnist-opt compare` runs each
+# repeat as a `mnist-opt study` subprocess and sets this to its own run's id: the study run
+# then goes into that run's experiment (`compare-NAME`, not the study's own) with the tag
+# `mlflow.parentRunId`, and the trial runs nest under the study run as always. Unset (the
+# normal case): a top-level run in the experiment named after the study.
+PARENT_RUN_ENV = "MNIST_OPT_PARENT_RUN"
 
 
 def configure() -> str:
@@ -48,12 +56,14 @@ def configure() -> str:
     return uri
 
 
-def open_experiment(name: str) -> str:
-    """Configure MLflow and open the study's experiment, before anything else is written."""
+def open_experiment(name: str, outer: bool = False) -> str:
+    """Configure MLflow and open the study's experiment, before anything else is written
+    (with ``outer``: the experiment of the run :data:`PARENT_RUN_ENV` names, when set)."""
     uri = configure()
     try:
         with sqlite_init_lock(uri):  # the first process creates the tables, the others wait
-            return experiment_id(name)
+            run = outer_run() if outer else None
+            return run[0] if run else experiment_id(name)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy and MLflow raise many kinds
         raise TrackingError(f"cannot open the MLflow tracking store {uri}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''} — check the path and "
@@ -83,6 +93,19 @@ def experiment_id(name: str) -> str:
     raise AssertionError("unreachable")
 
 
+def outer_run() -> tuple[str, str] | None:
+    """``(experiment id, run id)`` of the run :data:`PARENT_RUN_ENV` names; None when unset."""
+    run_id = os.environ.get(PARENT_RUN_ENV)
+    if not run_id:
+        return None
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"{PARENT_RUN_ENV}={run_id}: no such run in the MLflow tracking "
+                            f"store {mlflow.get_tracking_uri()}; unset it") from exc
+    return run.info.experiment_id, run.info.run_id
+
+
 def _versions() -> dict[str, str]:
     """What produced a result: logged with every study run, for reproducibility."""
     import platform
@@ -107,20 +130,50 @@ def study_run(cfg, storage: str, extra: dict[str, Any]) -> Iterator[mlflow.Activ
 
     Ends FINISHED, KILLED on Ctrl-C / SIGTERM, FAILED on an error; never left RUNNING by a
     live process (a ``kill -9``ed one is closed by :func:`close_orphans` on the next start).
+    Nested under the run :data:`PARENT_RUN_ENV` names, in its experiment, when that is set.
     """
-    exp = experiment_id(cfg.name)
+    outer = outer_run()
+    exp = outer[0] if outer else experiment_id(cfg.name)
     extra = {**extra, **{f"version.{pkg}": version for pkg, version in _versions().items()}}
     conf = cfg.model_dump(mode="json", exclude={"path", "digest", "space", "name", "description"})
     tags = {"mnist_opt.kind": "study", "optuna.study_name": cfg.name, "optuna.storage": storage,
             "mnist_opt.config_digest": cfg.digest, "mnist_opt.host": socket.gethostname(),
             "mnist_opt.pid": str(os.getpid())}
-    run = mlflow.start_run(experiment_id=exp, run_name=f"study-{time.strftime('%Y%m%d-%H%M%S')}",
-                           tags=tags, description=cfg.description)
+    when = time.strftime('%Y%m%d-%H%M%S')
+    run = mlflow.start_run(experiment_id=exp, tags=tags, description=cfg.description,
+                           run_name=f"{cfg.name}-{when}" if outer else f"study-{when}",
+                           parent_run_id=outer[1] if outer else None)
     status = "FAILED"
     try:
         mlflow.log_params({**_flatten("", conf, {}), **extra})
         if cfg.path:
             mlflow.log_artifact(str(cfg.path))
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def compare_run(name: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """The run of one ``mnist-opt compare NAME`` invocation, in experiment ``compare-NAME``:
+    the repeats' study runs nest under it (:data:`PARENT_RUN_ENV`). Ends like
+    :func:`study_run`; runs of killed compare processes are closed first (KILLED)."""
+    exp = experiment_id(f"compare-{name}")
+    for run in MlflowClient().search_runs(
+            [exp], "attributes.status = 'RUNNING' and tags.`mnist_opt.kind` = 'compare'"):
+        if dead_here(run.data.tags):
+            close_run(run.info.run_id, "KILLED", {"fail_reason": "process killed"})
+    tags = {"mnist_opt.kind": "compare", "mnist_opt.compare": name,
+            "mnist_opt.host": socket.gethostname(), "mnist_opt.pid": str(os.getpid())}
+    run = mlflow.start_run(experiment_id=exp, tags=tags,
+                           run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    status = "FAILED"
+    try:
+        mlflow.log_params({**params, **{f"version.{pkg}": v for pkg, v in _versions().items()}})
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -143,7 +196,8 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
                            parent_run_id=parent.info.run_id,
                            experiment_id=parent.info.experiment_id,
                            tags={"trial_number": str(trial.number), "state": "running",
-                                 "mnist_opt.kind": "trial"})
+                                 "mnist_opt.kind": "trial",
+                                 "optuna.study_name": trial.study.study_name})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
     start, state, status = time.monotonic(), "failed", "FAILED"
     try:
@@ -202,21 +256,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_here(tags: dict[str, str]) -> bool:
+    """A run whose process (tags ``mnist_opt.host``, ``mnist_opt.pid``) is gone from this host."""
+    return (tags.get("mnist_opt.host") == socket.gethostname()
+            and not _pid_alive(int(tags.get("mnist_opt.pid", "0") or 0)))
+
+
 def close_orphans(study: optuna.Study, experiment_id: str) -> int:
     """Close runs that a killed process left RUNNING: trials Optuna already finished, and
-    parent runs of dead processes on this host. Returns how many were closed."""
+    parent runs of dead processes on this host. Returns how many were closed.
+
+    Only this study's runs: an experiment may hold several studies' (``compare``'s does);
+    runs from before trial runs carried the study's name count as this study's.
+    """
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = 0
     for run in MlflowClient().search_runs([experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
+        if (tags.get("optuna.study_name", study.study_name) != study.study_name
+                or tags.get("mnist_opt.kind") == "compare"):
+            continue
         if tags.get("mnist_opt.kind") == "trial":
             state = states.get(int(tags.get("trial_number", -1)))
             if state is None or not state.is_finished():
                 continue  # still running somewhere, or the heartbeat check will close it
             status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state.name, "KILLED")
             closed += close_run(run.info.run_id, status, {"state": state.name.lower()})
-        elif (tags.get("mnist_opt.host") == socket.gethostname()
-              and not _pid_alive(int(tags.get("mnist_opt.pid", "0") or 0))):
+        elif dead_here(tags):
             closed += close_run(run.info.run_id, "KILLED", {"fail_reason": "process killed"})
     return closed
 

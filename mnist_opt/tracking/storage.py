@@ -109,11 +109,11 @@ class _Storage(optuna.storages.RDBStorage):
         return owner
 
 
-def owner_attrs() -> dict:
-    """Which host and process run a trial; the process's start time tells a reused pid from
-    the owner."""
-    me = psutil.Process()
-    return dict(zip(OWNER, (socket.gethostname(), me.pid, me.create_time())))
+def owner_attrs(pid: int | None = None) -> dict:
+    """Which host and process run a trial (this process, or ``pid``); the process's start
+    time tells a reused pid from the owner."""
+    proc = psutil.Process(pid)
+    return dict(zip(OWNER, (socket.gethostname(), proc.pid, proc.create_time())))
 
 
 def owner_gone(trial: optuna.trial.FrozenTrial) -> bool:
@@ -121,7 +121,12 @@ def owner_gone(trial: optuna.trial.FrozenTrial) -> bool:
 
     False for other hosts (their heartbeats decide) and for trials with no owner recorded.
     """
-    attrs = trial.user_attrs
+    return process_gone(trial.user_attrs)
+
+
+def process_gone(attrs: dict) -> bool:
+    """True when the process :func:`owner_attrs` described in ``attrs`` is of this host and
+    no longer runs; False for other hosts and for ``attrs`` without a pid."""
     if attrs.get("host") != socket.gethostname() or "pid" not in attrs:
         return False
     try:

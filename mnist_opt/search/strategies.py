@@ -1,0 +1,202 @@
+"""What ``mnist-opt compare`` compares: strategies, budgets, and the plan of repeats.
+
+A strategy is one way to search a study's space. Today it is a sampler × pruner of our own
+runner (``tpe+hyperband``); keras-tuner's tuners will be another kind, with their own
+:class:`Strategy`. Every repeat is described by a generated study file (the study's space
+and data, the strategy, a seed, the budget) and run by the strategy's command in a fresh
+process, so for every tool the clock starts when that tool's process starts. What a
+strategy's process must leave behind: the repeat's Optuna study (already created, in the
+storage it is given) holding its trials, each with its ``epoch_log``.
+
+Light: nothing here imports TensorFlow, Keras, MLflow or Optuna, so a bad strategy or budget
+is refused at once, before anything is written.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from mnist_opt.errors import MnistOptError, StudyFileError
+from mnist_opt.study.checks import did_you_mean
+from mnist_opt.study.config import SearchConfig, StudyConfig, validate
+
+# The samplers and pruners a study file allows, less the grid: it needs `grid:` values for
+# every range and stops when they run out, so it is no strategy to race against a budget.
+SAMPLERS = tuple(s for s in typing.get_args(SearchConfig.model_fields["sampler"].annotation)
+                 if s != "grid")
+PRUNERS = tuple(typing.get_args(SearchConfig.model_fields["pruner"].annotation))
+# No trial count stops a repeat: its budget does (search.n_trials is the study's target).
+N_TRIALS = 100_000
+
+
+class StrategyError(MnistOptError):
+    """A strategy, budget or repeat count that ``compare`` cannot run."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every repeat gets: wall seconds (``search.timeout``: no new trial after it, counted
+    from the start of the search in the repeat's process) or epochs (``search.epoch_budget``:
+    no new trial once all trials together completed that many)."""
+    seconds: int | None = None
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.seconds is None) == (self.epochs is None):
+            raise StrategyError("give one budget: --budget-seconds S or --budget-epochs E")
+        value = self.seconds if self.seconds is not None else self.epochs
+        if value < 1:
+            flag = "--budget-seconds" if self.seconds is not None else "--budget-epochs"
+            raise StrategyError(f"{flag} must be a positive integer, got {value}")
+
+    def __str__(self) -> str:
+        if self.seconds is not None:
+            return f"{self.seconds} s per repeat (no new trial after it)"
+        return f"{self.epochs} epochs per repeat (no new trial once its trials completed them)"
+
+    def search(self) -> dict[str, int | None]:
+        """The study file's ``search`` keys that set it."""
+        return {"timeout": self.seconds, "epoch_budget": self.epochs}
+
+
+class Strategy(Protocol):
+    """One kind of search, as ``compare`` runs it."""
+    label: str  # as the user writes it and the table shows it: "tpe+hyperband"
+    slug: str   # in study names and MLflow keys: "tpe-hyperband"
+
+    def document(self, base: dict[str, Any], seed: int, budget: Budget) -> dict[str, Any]:
+        """The repeat's study file, from the study's own document (``base``, not modified)."""
+
+    def check(self, document: dict[str, Any], path: Path) -> StudyConfig:
+        """The document as the repeat's process will read it; raises on a problem."""
+
+    def command(self, study_file: Path, storage: str, workers: int,
+                verbose: bool) -> list[str]:
+        """The repeat's process: it runs the study file's search into ``storage``."""
+
+
+@dataclass(frozen=True)
+class OptunaStrategy:
+    """A sampler and a pruner of our own runner: ``mnist-opt study`` on the repeat's file."""
+    sampler: str
+    pruner: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.sampler}+{self.pruner}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.sampler}-{self.pruner}"
+
+    def document(self, base: dict[str, Any], seed: int, budget: Budget) -> dict[str, Any]:
+        doc = copy.deepcopy(base)
+        search = doc.setdefault("search", {})
+        search.update(sampler=self.sampler, pruner=self.pruner, seed=seed, n_trials=N_TRIALS,
+                      **budget.search())
+        return doc
+
+    def check(self, document: dict[str, Any], path: Path) -> StudyConfig:
+        return validate(document, path)
+
+    def command(self, study_file: Path, storage: str, workers: int,
+                verbose: bool) -> list[str]:
+        return [sys.executable, "-m", "mnist_opt", "study", str(study_file), "--storage", storage,
+                "-q", "--workers", str(workers), *(["-v"] if verbose else [])]
+
+
+def parse_strategies(texts: list[str]) -> list[OptunaStrategy]:
+    """``SAMPLER+PRUNER`` strings as strategies; one error names every bad one and the allowed."""
+    unknown, twice, out = [], [], []
+    for text in texts:
+        sampler, plus, pruner = text.strip().lower().partition("+")
+        if not plus or sampler not in SAMPLERS or pruner not in PRUNERS:
+            hint = (did_you_mean(sampler, list(SAMPLERS)) if sampler not in SAMPLERS
+                    else did_you_mean(pruner, list(PRUNERS)) if plus else "")
+            unknown.append(f"{text!r}{hint}")
+        elif OptunaStrategy(sampler, pruner) in out:
+            twice.append(repr(text))
+        else:
+            out.append(OptunaStrategy(sampler, pruner))
+    if unknown:
+        raise StrategyError(
+            f"unknown strateg{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}: a "
+            f"strategy is SAMPLER+PRUNER with SAMPLER one of {', '.join(SAMPLERS)} and PRUNER "
+            f"one of {', '.join(PRUNERS)} (e.g. tpe+hyperband random+none)")
+    if twice:
+        raise StrategyError(f"--strategies names {', '.join(twice)} twice: name each once")
+    if not out:
+        raise StrategyError("--strategies names none: give at least one SAMPLER+PRUNER")
+    return out
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """Repeat ``index`` of ``strategy``: its own study, ``name``, run from ``study_file``."""
+    strategy: Strategy
+    index: int
+    seed: int
+    name: str
+    study_file: Path
+    document: dict[str, Any]
+    config: StudyConfig
+
+
+def repeat_name(study: str, strategy: Strategy, index: int) -> str:
+    """``mlp_tpe.cmp.tpe-hyperband.r0`` (``.vN`` would name a version of the study file)."""
+    return f"{study}.cmp.{strategy.slug}.r{index}"
+
+
+def plan(cfg: StudyConfig, strategies: list[Strategy], repeats: int, budget: Budget,
+         folder: Path, max_epochs: int | None = None,
+         train_subset: int | None = None) -> list[Repeat]:
+    """Every repeat of every strategy, checked as its process will read it; writes nothing.
+
+    Repeat ``r`` of every strategy has the seed ``search.seed + r``: different seeds across
+    repeats, the same seeds across strategies. ``max_epochs`` and ``train_subset`` override
+    the study file's, for every repeat.
+    """
+    if repeats < 1:
+        raise StrategyError(f"--repeats must be a positive integer, got {repeats}")
+    for flag, value in (("--max-epochs", max_epochs), ("--train-subset", train_subset)):
+        if value is not None and value < 1:
+            raise StudyFileError(f"{flag} must be a positive integer, got {value}")
+    base = yaml.safe_load(Path(cfg.path).read_text())  # the file as written: ints stay ints
+    if max_epochs is not None:
+        base.setdefault("training", {})["max_epochs"] = max_epochs
+    if train_subset is not None:
+        base.setdefault("data", {})["train_subset"] = train_subset
+    out, problems = [], []
+    for strategy in strategies:
+        for index in range(repeats):
+            name = repeat_name(cfg.name, strategy, index)
+            seed = cfg.search.seed + index
+            path = (folder / "studies" / f"{name}.yaml").resolve()
+            document = strategy.document(base, seed, budget)
+            try:
+                config = strategy.check(document, path)
+            except StudyFileError as exc:  # the same for every repeat: said once
+                found = getattr(exc, "problems", None)
+                problems += ([f"strategy {strategy.label}: {p.path}: {p.message}" for p in found]
+                             if found else [f"strategy {strategy.label}: {exc}"])
+                break
+            out.append(Repeat(strategy, index, seed, name, path, document, config))
+    if problems:
+        raise StrategyError(f"these strategies cannot search {cfg.path}:\n" + "\n".join(problems))
+    return out
+
+
+def write_study_file(repeat: Repeat) -> Path:
+    """The repeat's study file, as its process will read it."""
+    repeat.study_file.parent.mkdir(parents=True, exist_ok=True)
+    repeat.study_file.write_text(
+        f"# mnist-opt compare: {repeat.strategy.label}, repeat {repeat.index}, seed "
+        f"{repeat.seed} (generated; rerunning compare rewrites it)\n"
+        + yaml.safe_dump(repeat.document, sort_keys=False))
+    return repeat.study_file

@@ -1,0 +1,251 @@
+"""``mnist-opt compare``: strategies × repeats on one tiny study, each repeat its own study and
+process — the report's numbers recomputed from the storage, a ``kill -9`` completed by a
+rerun, and bad input refused before anything is written."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mnist_opt.search.strategies import (N_TRIALS, PRUNERS, SAMPLERS, Budget, StrategyError,
+                                         parse_strategies, plan)
+from mnist_opt.study.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TS = optuna.trial.TrialState
+STRATEGIES = ["tpe+hyperband", "random+none"]
+
+
+def _file(tmp_path: Path) -> Path:
+    """A study of one tiny dense layer on 600 images, one epoch per trial."""
+    doc = {"dataset": "mnist", "model": "mlp",
+           "data": {"val_fraction": 0.2, "seed": 1, "train_subset": 600},
+           "search": {"sampler": "random", "pruner": "none", "n_trials": 1, "seed": 3,
+                      "n_startup_trials": 2},
+           "training": {"max_epochs": 1},
+           "space": {"n_layers": 1, "units": {"low": 16, "high": 32}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _command(path: Path, storage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mnist_opt", "compare", str(path), "--strategies", *STRATEGIES,
+            "--repeats", "2", "--budget-epochs", "2", "--storage", storage, *extra]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _repeats(storage: str) -> dict[str, optuna.Study]:
+    names = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith("tiny.cmp."))
+    return {n: optuna.load_study(study_name=n, storage=storage) for n in names}
+
+
+def _epochs(study: optuna.Study) -> list[list]:
+    return [e for t in study.get_trials(deepcopy=False) for e in t.user_attrs.get("epoch_log", [])]
+
+
+# --- fast: the plan ---------------------------------------------------------------------------
+
+def test_strategies_are_sampler_plus_pruner_from_the_study_schema():
+    assert [s.label for s in parse_strategies(["tpe+hyperband", "GP+none"])] == [
+        "tpe+hyperband", "gp+none"]
+    assert "grid" not in SAMPLERS and set(PRUNERS) == {"hyperband", "median", "none"}
+    with pytest.raises(StrategyError) as err:
+        parse_strategies(["tpe+hyperband", "tpee+none", "random"])
+    msg = str(err.value)
+    assert "'tpee+none' (did you mean 'tpe'?)" in msg and "'random'" in msg
+    assert f"SAMPLER one of {', '.join(SAMPLERS)}" in msg and "PRUNER one of hyperband" in msg
+    with pytest.raises(StrategyError, match="twice"):
+        parse_strategies(["tpe+none", "tpe+none"])
+
+
+def test_each_repeat_has_its_seed_the_same_across_strategies_and_the_budget(tmp_path):
+    cfg = load_config(_file(tmp_path))
+    repeats = plan(cfg, parse_strategies(STRATEGIES), 3, Budget(seconds=30), tmp_path / "out",
+                   max_epochs=2, train_subset=800)
+    assert [r.name for r in repeats[:3]] == [f"tiny.cmp.tpe-hyperband.r{i}" for i in range(3)]
+    assert [(r.strategy.label, r.seed) for r in repeats] == [
+        (s, 3 + i) for s in STRATEGIES for i in range(3)]
+    for r in repeats:
+        search = r.config.search
+        assert (search.sampler, search.pruner) == tuple(r.strategy.label.split("+"))
+        assert (search.timeout, search.epoch_budget, search.n_trials) == (30, None, N_TRIALS)
+        assert r.config.training.max_epochs == 2 and r.config.data.train_subset == 800
+        assert r.config.name == r.name and r.study_file.parent == (tmp_path / "out" / "studies")
+    assert not (tmp_path / "out").exists()  # a plan writes nothing
+    with pytest.raises(StrategyError, match="one budget"):
+        Budget()
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tmp_path):
+    path = _file(tmp_path)
+    proc = subprocess.run(_command(path, stores["storage"]), cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    folder = tmp_path / "reports" / "compare" / "tiny"
+    report = json.loads((folder / "summary.json").read_text())
+    assert report["plots"], report
+    assert {Path(p).suffix for p in report["plots"]} >= {".png", ".html"}
+    assert all((folder / p).stat().st_size > 0 for p in report["plots"])
+    md = (folder / "summary.md").read_text()
+    assert "too few repeats" in md and "| strategy |" in md and report["command"] in md
+    assert f"{os.cpu_count()} CPUs" in md
+
+    # the table's numbers, recomputed from the storage's trials
+    repeats = _repeats(stores["storage"])
+    assert len(repeats) == 4
+    rows = {row["strategy"]: row for row in report["rows"]}
+    assert list(rows) == STRATEGIES
+    for label in STRATEGIES:
+        mine = [s for s in repeats.values() if s.user_attrs["compare_strategy"] == label]
+        assert sorted(s.user_attrs["compare_repeat"] for s in mine) == [0, 1]
+        for study in mine:  # each its own seed, the same across strategies
+            assert study.user_attrs["compare_finished"] is True
+            assert study.user_attrs["search_section"]["search"]["seed"] == \
+                3 + study.user_attrs["compare_repeat"]
+            epochs = _epochs(study)
+            # the budget: 2 epochs of 1-epoch trials, and no trial after it
+            assert len(epochs) == 2 and len(study.trials) == 2
+            assert study.user_attrs["compare_clock_start"] < min(e[0] for e in epochs)
+        finals = [max(acc for _, acc in _epochs(s)) for s in mine]
+        assert rows[label]["final_best_median"] == pytest.approx(statistics.median(finals))
+        assert rows[label]["epochs_median"] == statistics.median(len(_epochs(s)) for s in mine)
+        assert rows[label]["repeats"] == 2
+        assert f"| {label} | 2 | {statistics.median(finals):.4f}" in md
+    assert "tpe+hyperband vs random+none: too few repeats" in proc.stdout
+
+    # MLflow: one compare run, the four repeats' study runs nested under it
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("compare-tiny")
+    parent = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'compare'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parent_id = parent[0].info.run_id
+    nested = client.search_runs([exp.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert sorted(r.data.tags["optuna.study_name"] for r in nested) == sorted(repeats)
+    assert all(r.data.tags["mnist_opt.kind"] == "study" and r.info.status == "FINISHED"
+               for r in nested)
+    assert client.get_experiment_by_name("tiny.cmp.tpe-hyperband.r0") is None
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"summary.md", "summary.json", "studies"} <= artifacts
+    assert parent[0].data.metrics["random-none.final_best_median"] == pytest.approx(
+        rows["random+none"]["final_best_median"])
+
+
+def _wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"compare ended before {what}:\n{proc.communicate()[0][-3000:]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_killed_compare_is_completed_by_a_rerun(stores, tmp_path):
+    path, storage = _file(tmp_path), stores["storage"]
+    command = _command(path, storage)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    second = "tiny.cmp.tpe-hyperband.r1"
+
+    def second_repeat_runs() -> bool:  # its study run and a trial are open
+        try:
+            return len(optuna.load_study(study_name=second, storage=storage).trials) > 0
+        except KeyError:
+            return False
+
+    _wait_for(second_repeat_runs, "the second repeat's first trial", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    killed_at = time.time()
+    before = _repeats(storage)
+    assert sorted(before) == ["tiny.cmp.tpe-hyperband.r0", second]
+    first = before["tiny.cmp.tpe-hyperband.r0"]
+    assert first.user_attrs["compare_finished"] is True
+    assert "compare_finished" not in before[second].user_attrs
+    kept = [(t._trial_id, t.datetime_start, t.datetime_complete) for t in first.trials]
+    child = before[second].user_attrs["compare_process"]["pid"]
+    end = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < end, "the repeat's process outlived the killed compare"
+        time.sleep(0.1)
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-4000:]
+    assert "1 of 4 repeats finished earlier: kept" in out
+    assert f"{second} was started but not finished" in out and "from scratch" in out
+    after = _repeats(storage)
+    assert len(after) == 4 and all(s.user_attrs["compare_finished"] is True
+                                   for s in after.values())
+    again = after["tiny.cmp.tpe-hyperband.r0"]
+    assert [(t._trial_id, t.datetime_start, t.datetime_complete) for t in again.trials] == kept
+    assert again.user_attrs["compare_clock_start"] == first.user_attrs["compare_clock_start"]
+    redone = after[second]
+    assert redone.user_attrs["compare_clock_start"] > killed_at  # its clock started again
+    assert len(_epochs(redone)) == 2 and all(t.state.is_finished() for t in redone.trials)
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("compare-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    compares = [r for r in runs if r.data.tags.get("mnist_opt.kind") == "compare"]
+    assert sorted(r.info.status for r in compares) == ["FINISHED", "KILLED"]
+    dead = [r for r in runs if r.data.tags.get("optuna.study_name") == second
+            and r.data.tags.get("mnist_opt.kind") == "study" and r.info.status == "KILLED"]
+    assert len(dead) == 1 and "killed mid-way" in dead[0].data.tags["fail_reason"]
+
+
+def test_a_bad_strategy_exits_2_with_the_allowed_list_and_writes_nothing(stores, tmp_path):
+    path = _file(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "mnist_opt", "compare", str(path),
+                           "--strategies", "tpe+hyperband", "tpe+hyperbnd", "--repeats", "2",
+                           "--budget-seconds", "5"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "unknown strategy 'tpe+hyperbnd' (did you mean 'hyperband'?)" in proc.stderr
+    assert f"SAMPLER one of {', '.join(SAMPLERS)} and PRUNER one of {', '.join(PRUNERS)}" \
+        in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns", "tiny.yaml"]
+    assert list((tmp_path / "mlruns").iterdir()) == []
+
+
+def test_finished_repeats_of_another_budget_are_not_mixed_in(tmp_path):
+    from mnist_opt.search.compare import CompareChangedError, _check_setups, _setup
+
+    cfg = load_config(_file(tmp_path))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    old = plan(cfg, parse_strategies(["random+none"]), 1, Budget(epochs=2), tmp_path)[0]
+    study = optuna.create_study(study_name=old.name, storage=storage)
+    study.set_user_attr("compare_setup", _setup(old, 1))
+    study.set_user_attr("compare_finished", True)
+    _check_setups([old], 1, storage)  # the same command: fine
+    new = plan(cfg, parse_strategies(["random+none"]), 1, Budget(epochs=3), tmp_path)
+    with pytest.raises(CompareChangedError) as err:
+        _check_setups(new, 2, storage)
+    assert f"{old.name}: epoch_budget: 2 → 3; workers: 1 → 2" in str(err.value)
+    assert "optuna delete-study" in str(err.value)
