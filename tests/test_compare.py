@@ -249,3 +249,18 @@ def test_finished_repeats_of_another_budget_are_not_mixed_in(tmp_path):
         _check_setups(new, 2, storage)
     assert f"{old.name}: epoch_budget: 2 → 3; workers: 1 → 2" in str(err.value)
     assert "optuna delete-study" in str(err.value)
+
+
+def test_the_target_is_fixed_before_the_run_when_a_previous_run_gave_one(tmp_path):
+    from mnist_opt.reporting.time_to_target import Epoch, repeat_from_epochs
+    from mnist_opt.search.compare import _target
+
+    results = [repeat_from_epochs("tpe+none", r, [Epoch(100.0 + r, acc, 0)], 100.0)
+               for r, acc in enumerate([0.9, 0.8, 0.7])]
+    first, why = _target(None, tmp_path, results)
+    assert first == 0.8 and "after the fact" in why  # the median final best of the one strategy
+    (tmp_path / "summary.json").write_text('{"target": 0.85}')
+    assert _target(None, tmp_path, results) == (0.85, f"the previous compare run's target "
+                                                       f"({tmp_path / 'summary.json'}), fixed "
+                                                       "before this run")
+    assert _target(0.9, tmp_path, results) == (0.9, "--target")

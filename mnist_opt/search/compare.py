@@ -272,6 +272,23 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _target(given: float | None, folder: Path, results: list) -> tuple[float, str]:
+    """The target and where it came from: given; else the previous compare run's (its
+    summary.json), fixed before this run; else — the first run — this run's default target,
+    which is chosen after the fact and said so."""
+    if given is not None:
+        return given, "--target"
+    previous = folder / "summary.json"
+    if previous.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return (float(json.loads(previous.read_text())["target"]),
+                    f"the previous compare run's target ({previous}), fixed before this run")
+    return default_target(results), (
+        "default_target: the lowest median final best of the strategies, computed from this "
+        "first run, so chosen after the fact; the next run uses it as a fixed target, or give "
+        "--target")
+
+
 def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseStorage,
             budget: Budget, workers: int, url: str, target: float | None, command: str,
             folder: Path, run_id: str) -> Outcome:
@@ -279,11 +296,7 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
     and logged to the compare run."""
     studies = [optuna.load_study(study_name=r.name, storage=storage) for r in plan]
     results = [repeat_result(study) for study in studies]
-    source = "--target" if target is not None else (
-        "default_target: the lowest median final best of the strategies, computed from this "
-        "run; give --target to fix it beforehand")
-    if target is None:
-        target = default_target(results)
+    target, source = _target(target, folder, results)
     rows = [dict(row) for row in summary(results, target)]
     lines = verdict(results, target)
     table = markdown_table(rows)

@@ -143,12 +143,19 @@ def study_run(cfg, storage: str, extra: dict[str, Any]) -> Iterator[mlflow.Activ
     run = mlflow.start_run(experiment_id=exp, tags=tags, description=cfg.description,
                            run_name=f"{cfg.name}-{when}" if outer else f"study-{when}",
                            parent_run_id=outer[1] if outer else None)
-    status = "FAILED"
-    try:
+    with _ended():
         mlflow.log_params({**_flatten("", conf, {}), **extra})
         if cfg.path:
             mlflow.log_artifact(str(cfg.path))
         yield run
+
+
+@contextlib.contextmanager
+def _ended() -> Iterator[None]:
+    """End the active run FINISHED, KILLED on Ctrl-C / SIGTERM, FAILED on an error."""
+    status = "FAILED"
+    try:
+        yield
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -171,16 +178,9 @@ def compare_run(name: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]
             "mnist_opt.host": socket.gethostname(), "mnist_opt.pid": str(os.getpid())}
     run = mlflow.start_run(experiment_id=exp, tags=tags,
                            run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    status = "FAILED"
-    try:
+    with _ended():
         mlflow.log_params({**params, **{f"version.{pkg}": v for pkg, v in _versions().items()}})
         yield run
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        mlflow.end_run(status)
 
 
 @contextlib.contextmanager
