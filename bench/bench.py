@@ -39,28 +39,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mnist_opt import data  # noqa: E402
 from mnist_opt.study.config import StudyConfig, find_study, with_overrides  # noqa: E402
 from mnist_opt.training.models import build_model  # noqa: E402
+from mnist_opt.search.kt_repeat import KerasTunerTrial  # noqa: E402
 from mnist_opt.search.runner import run_study  # noqa: E402
 from mnist_opt.study.params import table  # noqa: E402
 from mnist_opt.study.space import fixed_space, suggest_params  # noqa: E402
 from mnist_opt.training.loop import compile_model, evaluate, fresh_model, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class KerasTunerTrial:
-    """Lets ``space.suggest_params`` define the same space for keras-tuner's ``hp``."""
-
-    def __init__(self, hp: kt.HyperParameters):
-        self.hp = hp
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        return self.hp.Float(name, low, high, step=step, sampling="log" if log else "linear")
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        return self.hp.Int(name, low, high, step=step, sampling="log" if log else "linear")
-
-    def suggest_categorical(self, name, choices):
-        return self.hp.Choice(name, list(choices))
 
 
 class EpochTimer(keras.callbacks.Callback):

@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 from mnist_opt.errors import StudyFailedError, StudyFileError
-from mnist_opt.search.strategies import PRUNERS, SAMPLERS, Budget, parse_strategies, plan
+from mnist_opt.search.strategies import (KT_TUNERS, PRUNERS, SAMPLERS, Budget, check_workers,
+                                         parse_strategies, plan)
 from mnist_opt.study.config import find_study
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="study name (a file studies/NAME.yaml) or a path to one: "
                                      "its space and data are searched by every strategy")
-    parser.add_argument("--strategies", nargs="+", required=True, metavar="SAMPLER+PRUNER",
-                        help=f"e.g. tpe+hyperband random+none; samplers {', '.join(SAMPLERS)}; "
-                             f"pruners {', '.join(PRUNERS)}")
+    parser.add_argument("--strategies", nargs="+", required=True, metavar="STRATEGY",
+                        help=f"SAMPLER+PRUNER, e.g. tpe+hyperband random+none; samplers "
+                             f"{', '.join(SAMPLERS)}; pruners {', '.join(PRUNERS)}; or "
+                             f"keras-tuner's {', '.join(KT_TUNERS)} (the bench extra; one "
+                             "worker)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="repeats per strategy, seeds SEED..SEED+R-1 (default 5)")
     budget = parser.add_mutually_exclusive_group(required=True)
@@ -53,7 +56,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Compare search strategies (SAMPLER+PRUNER) on one study: R repeats each, the same
+    """Compare search strategies (SAMPLER+PRUNER, or keras-tuner's) on one study: R repeats each, the same
     budget; curves, table and verdict by time to target in reports/compare/NAME/."""
     if args.workers < 1:
         raise StudyFileError(f"--workers must be a positive integer, got {args.workers}")
@@ -61,6 +64,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise StudyFileError(f"--target is a validation accuracy in (0, 1], got {args.target}")
     cfg = find_study(args.name)
     strategies = parse_strategies(args.strategies)
+    check_workers(strategies, args.workers)
     budget = Budget(seconds=args.budget_seconds, epochs=args.budget_epochs)
     folder = Path("reports") / "compare" / cfg.name
     repeats = plan(cfg, strategies, args.repeats, budget, folder, args.max_epochs,

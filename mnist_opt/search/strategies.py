@@ -1,8 +1,9 @@
 """What ``mnist-opt compare`` compares: strategies, budgets, and the plan of repeats.
 
-A strategy is one way to search a study's space. Today it is a sampler × pruner of our own
-runner (``tpe+hyperband``); keras-tuner's tuners will be another kind, with their own
-:class:`Strategy`. Every repeat is described by a generated study file (the study's space
+A strategy is one way to search a study's space: a sampler × pruner of our own runner
+(``tpe+hyperband``, :class:`OptunaStrategy`) or one of keras-tuner's tuners (``kt-hyperband``,
+``kt-bayesian``, ``kt-random``, :class:`KerasTunerStrategy`, when the ``bench`` extra is
+installed). Every repeat is described by a generated study file (the study's space
 and data, the strategy, a seed, the budget) and run by the strategy's command in a fresh
 process, so for every tool the clock starts when that tool's process starts. What a
 strategy's process must leave behind: the repeat's Optuna study (already created, in the
@@ -14,6 +15,7 @@ is refused at once, before anything is written.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 import typing
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ from mnist_opt.study.config import SearchConfig, StudyConfig, validate
 SAMPLERS = tuple(s for s in typing.get_args(SearchConfig.model_fields["sampler"].annotation)
                  if s != "grid")
 PRUNERS = tuple(typing.get_args(SearchConfig.model_fields["pruner"].annotation))
+# keras-tuner's tuners, as ``compare`` names them, and the class each is in keras_tuner.
+KT_TUNERS = {"kt-hyperband": "Hyperband", "kt-bayesian": "BayesianOptimization",
+             "kt-random": "RandomSearch"}
 # No trial count stops a repeat: its budget does (search.n_trials is the study's target).
 N_TRIALS = 100_000
 
@@ -111,29 +116,107 @@ class OptunaStrategy:
                 "-q", "--workers", str(workers), *(["-v"] if verbose else [])]
 
 
-def parse_strategies(texts: list[str]) -> list[OptunaStrategy]:
-    """``SAMPLER+PRUNER`` strings as strategies; one error names every bad one and the allowed."""
+@dataclass(frozen=True)
+class KerasTunerStrategy:
+    """One of keras-tuner's tuners on the study's space, data and model builder:
+    ``python -m mnist_opt.search.kt_repeat`` on the repeat's file (see that module).
+
+    keras-tuner has no local parallel mode, so it runs in one process: ``compare`` refuses it
+    with ``--workers`` > 1 rather than comparing one process against several
+    (:func:`check_workers`).
+    """
+    name: str  # "kt-hyperband"
+    max_workers = 1
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def slug(self) -> str:
+        return self.name
+
+    @property
+    def tuner(self) -> str:
+        """The tuner's class in keras_tuner: ``Hyperband``."""
+        return KT_TUNERS[self.name]
+
+    def document(self, base: dict[str, Any], seed: int, budget: Budget) -> dict[str, Any]:
+        """The study's document with the repeat's seed and budget. ``sampler``/``pruner``
+        are left as the study file has them: keras-tuner's tuner is chosen by the command;
+        ``n_startup_trials`` is the Bayesian tuner's ``num_initial_points``."""
+        doc = copy.deepcopy(base)
+        doc.setdefault("search", {}).update(seed=seed, n_trials=N_TRIALS, **budget.search())
+        return doc
+
+    def check(self, document: dict[str, Any], path: Path) -> StudyConfig:
+        cfg = validate(document, path)
+        if cfg.search.metric != "val_accuracy" or cfg.search.second_objective:
+            raise StudyFileError(
+                f"{self.name}: keras-tuner searches one objective, val_accuracy; this study's "
+                f"are {', '.join(cfg.objective_names)}")
+        return cfg
+
+    def command(self, study_file: Path, storage: str, workers: int,
+                verbose: bool) -> list[str]:
+        return [sys.executable, "-m", "mnist_opt.search.kt_repeat", str(study_file),
+                "--storage", storage, "--tuner", self.name, *(["-v"] if verbose else [])]
+
+
+def keras_tuner_installed() -> bool:
+    """Whether keras_tuner can be imported (found without importing it: that loads TF)."""
+    return importlib.util.find_spec("keras_tuner") is not None
+
+
+def parse_strategies(texts: list[str]) -> list[Strategy]:
+    """``SAMPLER+PRUNER`` strings and keras-tuner names (``kt-random``) as strategies; one
+    error names every bad one and the allowed."""
     unknown, twice, out = [], [], []
     for text in texts:
-        sampler, plus, pruner = text.strip().lower().partition("+")
-        if not plus or sampler not in SAMPLERS or pruner not in PRUNERS:
-            hint = (did_you_mean(sampler, list(SAMPLERS)) if sampler not in SAMPLERS
-                    else did_you_mean(pruner, list(PRUNERS)) if plus else "")
-            unknown.append(f"{text!r}{hint}")
-        elif OptunaStrategy(sampler, pruner) in out:
+        name = text.strip().lower()
+        if name in KT_TUNERS:
+            strategy: Strategy = KerasTunerStrategy(name)
+        else:
+            sampler, plus, pruner = name.partition("+")
+            if not plus or sampler not in SAMPLERS or pruner not in PRUNERS:
+                hint = (did_you_mean(name, list(KT_TUNERS)) if name.startswith("kt")
+                        else did_you_mean(sampler, list(SAMPLERS)) if sampler not in SAMPLERS
+                        else did_you_mean(pruner, list(PRUNERS)) if plus else "")
+                unknown.append(f"{text!r}{hint}")
+                continue
+            strategy = OptunaStrategy(sampler, pruner)
+        if strategy in out:
             twice.append(repr(text))
         else:
-            out.append(OptunaStrategy(sampler, pruner))
+            out.append(strategy)
     if unknown:
         raise StrategyError(
             f"unknown strateg{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}: a "
             f"strategy is SAMPLER+PRUNER with SAMPLER one of {', '.join(SAMPLERS)} and PRUNER "
-            f"one of {', '.join(PRUNERS)} (e.g. tpe+hyperband random+none)")
+            f"one of {', '.join(PRUNERS)} (e.g. tpe+hyperband random+none), or one of "
+            f"keras-tuner's {', '.join(KT_TUNERS)}")
     if twice:
         raise StrategyError(f"--strategies names {', '.join(twice)} twice: name each once")
     if not out:
         raise StrategyError("--strategies names none: give at least one SAMPLER+PRUNER")
+    kt = [s.label for s in out if isinstance(s, KerasTunerStrategy)]
+    if kt and not keras_tuner_installed():
+        raise StrategyError(
+            f"{', '.join(kt)} need{'s' * (len(kt) == 1)} keras-tuner, which is not installed: "
+            "pip install -e '.[bench]' (or `make bench`, which installs it), then run again")
     return out
+
+
+def check_workers(strategies: list[Strategy], workers: int) -> None:
+    """Refuse strategies that cannot run with ``workers`` processes: every strategy gets the
+    same number, or the comparison is not like for like."""
+    few = [s.label for s in strategies if getattr(s, "max_workers", None) is not None
+           and workers > s.max_workers]
+    if few:
+        raise StrategyError(
+            f"{', '.join(few)} run{'s' * (len(few) == 1)} in one process (keras-tuner has no "
+            f"local parallel mode), so --workers {workers} would not be like for like: compare "
+            "them with --workers 1 (the default)")
 
 
 @dataclass(frozen=True)
