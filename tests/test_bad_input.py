@@ -172,3 +172,11 @@ def test_bad_input_exits_2_with_one_error_and_changes_nothing(stores, tmp_path, 
     # and nothing else: the storage-URL cases never reach that storage, so what would show
     # there is a tracking store, experiment, run or file written before the URL was checked
     assert after == written
+
+
+def test_a_sqlite_storage_in_a_folder_that_does_not_exist_yet_is_created(tmp_path):
+    from mnist_opt.tracking.storage import make_storage
+
+    url = f"sqlite:///{tmp_path / 'new' / 'deeper' / 'optuna.db'}"
+    study = optuna.create_study(study_name="fresh", storage=make_storage(url))
+    assert study.study_name == "fresh" and (tmp_path / "new" / "deeper" / "optuna.db").exists()

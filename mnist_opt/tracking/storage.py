@@ -20,7 +20,7 @@ import psutil
 
 from mnist_opt.study.config import studies_dir
 from mnist_opt.errors import RetrainError, StorageError
-from mnist_opt.tracking.urls import sqlite_init_lock
+from mnist_opt.tracking.urls import sqlite_init_lock, sqlite_path
 
 MAX_RETRY = 2  # a trial that keeps killing its worker is not retried forever
 STALE = "stale"  # how a stale trial's fail_reason starts
@@ -170,6 +170,8 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     # SQLite: wait for a lock instead of failing at once when several workers write.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
     try:
+        if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
+            path.parent.mkdir(parents=True, exist_ok=True)
         with sqlite_init_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             return _Storage(
