@@ -66,7 +66,8 @@ def refuse(study: optuna.Study, cfg: StudyConfig, what: list[str] | None, argume
     hint = f", or continue {same[0]}, which this file searches: mnist-opt study {same[0]}" \
         if same else ""
     raise StudyChangedError(
-        f"study {cfg.name} was begun from another version of {cfg.path}: {changed}. Either mix "
+        f"study {cfg.name} was begun with other search settings than {cfg.path} and this "
+        f"command's options give now: {changed}. Either mix "
         f"both versions knowingly: mnist-opt study {argument} --mix-versions, or start a new "
         f"version: mnist-opt study {argument} --new-version (its own name everywhere, for "
         f"retrain and report too){hint}")
