@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results lr-find predict compare list check docs test test-fast bench bench-quick dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results lr-find predict compare list check docs test test-fast bench bench-quick bench-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -84,11 +84,14 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
-bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, same space and budget (full data; long)
-	$(BIN)/python bench/bench.py --save bench/results/latest.md $(ARGS)
+bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, like for like and out of the box, 3 repeats (full data; ~1.5 h; resumable)
+	$(BIN)/python bench/bench.py $(ARGS)
 
-bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials): < 10 min
+bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials, 2 repeats), in bench/work-quick/
 	$(BIN)/python bench/bench.py --quick $(ARGS)
+
+bench-results: $(VENV)/.bench  ## rewrite bench/results/latest.md and the README's bench section from latest.json
+	$(BIN)/python bench/bench.py --render
 
 dashboard: install  ## optuna-dashboard on the study storage, http://127.0.0.1:8080
 	$(BIN)/optuna-dashboard --host $(HOST) --port $(DASHBOARD_PORT) $(STORAGE)

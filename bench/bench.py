@@ -1,233 +1,240 @@
-"""mnist_opt against keras-tuner: same space, data, and trial/epoch budget, on this machine.
+"""mnist_opt against keras-tuner, repeated and like for like, built on ``mnist-opt compare``.
 
-    python bench/bench.py            # full: 54,000 training images (make bench)
-    python bench/bench.py --quick    # reduced: a stratified subset, fewer trials (make bench-quick)
+    python bench/bench.py                 # full: 54,000 training images, 3 repeats (make bench)
+    python bench/bench.py --quick         # reduced: a 6,000-image subset, 2 repeats (make bench-quick)
+    python bench/bench.py --render        # only rewrite latest.md and the README from latest.json
 
-Workloads:
-  classic  the 4-layer MNIST MLP (82-4-76-12, BN + ReLU + dropout), per-layer dropout and LR;
-           keras-tuner Hyperband (max 10 epochs, factor 3) vs our TPE + Hyperband pruner with
-           the same number of trials.
-  fashion  the Fashion-MNIST MLP space of the keras-tuner tutorial; keras-tuner
-           BayesianOptimization vs our TPE and GP, same trials and epochs per trial.
-Also: our per-epoch overhead against a bare ``model.fit`` of one fixed configuration, and
-RSS after each of 30+ trials (in one process, and with our recycled
-workers). Prints a table, then one JSON line (the last line).
+Each workload is one ``compare`` (:mod:`mnist_opt.search.compare`) of three or four strategies
+on one study's space and data, one worker process per repeat, the same trial budget, every
+repeat's best configuration retrained and scored on the test set. Two modes are read from it:
+
+* **like for like**: keras-tuner on our ``tf.data`` pipeline with 8 steps per compiled call,
+  Bayesian search with our number of random start-up trials, and the same pruning choice
+  (Hyperband vs our Hyperband pruner; Bayesian vs TPE without pruning);
+* **out of the box**: each tool as its documentation starts a user: keras-tuner's defaults
+  (``model.fit`` on NumPy arrays, one step per call, its own ``num_initial_points`` and
+  ``hyperband_iterations``) vs ``make study``'s defaults (the study file's sampler and pruner,
+  one worker).
+
+The headline is the **time-to-target ratio**, ours / keras-tuner's, of the median seconds from
+the tool's process start until the best-so-far validation accuracy reaches the compare's
+target (:mod:`mnist_opt.reporting.time_to_target`). Also: per-epoch time against a bare
+``model.fit``, and RSS after every trial of one process running 40 trials and of recycled
+worker processes. Everything goes to ``bench/results/latest.json``, from which
+``latest.md`` and the README's section are generated (``--render``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import platform
+import re
+import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-from mnist_opt.quiet import import_tensorflow  # noqa: E402
-
-import_tensorflow()  # before Keras: no start-up noise or retracing notices in the report
-import keras  # noqa: E402
-import keras_tuner as kt  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import psutil  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from mnist_opt import data  # noqa: E402
-from mnist_opt.study.config import StudyConfig, find_study, with_overrides  # noqa: E402
-from mnist_opt.training.models import build_model  # noqa: E402
-from mnist_opt.search.kt_repeat import KerasTunerTrial  # noqa: E402
-from mnist_opt.search.runner import run_study  # noqa: E402
-from mnist_opt.study.params import table  # noqa: E402
-from mnist_opt.study.space import fixed_space, suggest_params  # noqa: E402
-from mnist_opt.training.loop import compile_model, evaluate, fresh_model, train  # noqa: E402
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# workload: the study whose space and data are searched, the trial budget, epochs per trial,
+# and for each mode the pair (ours, keras-tuner's) of strategies compared. "ours" out of the
+# box is the study file's own sampler+pruner, filled in by _strategies.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "classic": {"study": "mlp_hyperband", "trials": 30, "max_epochs": 10,
+                "title": "classic MNIST MLP (mlp_hyperband's space)",
+                "like_for_like": ("tpe+hyperband", "kt-hyperband"),
+                "out_of_the_box": (None, "kt-hyperband-defaults")},
+    "fashion": {"study": "fashion_mlp_tpe", "trials": 20, "max_epochs": 8,
+                "title": "Fashion-MNIST MLP (fashion_mlp_tpe's space)",
+                "like_for_like": ("tpe+none", "kt-bayesian"),
+                "out_of_the_box": (None, "kt-bayesian-defaults")},
+}
+QUICK = {"trials": 8, "max_epochs": 3, "train_subset": 6000, "repeats": 2}
+MODES = ("like_for_like", "out_of_the_box")
 
 
-class EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times: list[float] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter())
+def _strategies(workload: dict[str, Any], study_pair: str) -> dict[str, tuple[str, str]]:
+    """mode → (ours, keras-tuner's), ours out of the box being the study file's own."""
+    return {mode: (workload[mode][0] or study_pair, workload[mode][1]) for mode in MODES}
 
 
-def retrain_test(params: dict, split: data.Split, ds: data.Dataset, epochs: int) -> float:
-    """The same recipe for both tools' best configuration: train+val, then the test set."""
-    x = np.concatenate([split.x_train, split.x_val])
-    y = np.concatenate([split.y_train, split.y_val])
-    model = fresh_model(params, seed=0)
-    train(model, params, (x, y), None, epochs)
-    return evaluate(model, data.to_float(ds.x_test), ds.y_test.astype("int64"))["accuracy"]
+def _median(values: list[float]) -> float | None:
+    """Median with "not reached" (inf) ranked last; None when the median is not reached."""
+    if not values:
+        return None
+    m = statistics.median(values)
+    return m if math.isfinite(m) else None
 
 
-def run_keras_tuner(cfg: StudyConfig, split: data.Split, tuner_cls, workdir: Path, **kwargs):
-    def build(hp):
-        params = suggest_params(KerasTunerTrial(hp), cfg)
-        return compile_model(build_model(params), params, len(split.y_train))
-
-    tuner = tuner_cls(build, objective="val_accuracy", directory=str(workdir),
-                      project_name=tuner_cls.__name__, overwrite=True, seed=cfg.search.seed,
-                      **kwargs)
-    # keras-tuner takes one batch size for the whole search: the study's if fixed, else the
-    # table's default
-    batch = cfg.space.get("batch_size")
-    batch = batch if isinstance(batch, int) else table(cfg.model)["batch_size"].default
-    start = time.perf_counter()
-    tuner.search(split.x_train, split.y_train, validation_data=(split.x_val, split.y_val),
-                 batch_size=batch, verbose=0,
-                 **({} if "max_epochs" in kwargs else {"epochs": cfg.training.max_epochs}))
-    wall = time.perf_counter() - start
-    trials = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
-    # keras-tuner deep-copies callbacks per trial, so count epochs from its own records:
-    # a Hyperband trial trains from tuner/initial_epoch to tuner/epochs, others all epochs.
-    epochs = sum(t.hyperparameters.values.get("tuner/epochs", cfg.training.max_epochs)
-                 - t.hyperparameters.values.get("tuner/initial_epoch", 0) for t in trials)
-    best = tuner.oracle.get_best_trials(1)[0]
-    values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
-    params = suggest_params(optuna.trial.FixedTrial(values), cfg)
-    full = [t for t in trials  # trained to the full budget (Hyperband: its last round)
-            if t.hyperparameters.values.get("tuner/epochs", cfg.training.max_epochs)
-            == cfg.training.max_epochs]
-    last = [float(np.mean(t.metrics.get_history("val_accuracy")[-1].value)) for t in full]
-    return {"wall_s": wall, "trials": len(trials), "epochs": epochs,
-            "best_val_acc": float(best.score), "final_val_acc": max(last, default=float("nan")),
-            "params": params}
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    """median, min, max of per-repeat figures (None: not reached, ranked last)."""
+    ranked = [math.inf if v is None else v for v in values]
+    finite = [v for v in ranked if math.isfinite(v)]
+    return {"values": values, "median": _median(ranked), "min": min(finite, default=None),
+            "max": None if len(finite) < len(ranked) else max(finite, default=None)}
 
 
-def run_ours(cfg: StudyConfig, workdir: Path, workers: int, callbacks=()):
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-    storage = f"sqlite:///{workdir / 'optuna.db'}"
-    start = time.perf_counter()
-    study = run_study(cfg, storage, verbose=False, progress=False, workers=workers,
-                      callbacks=callbacks)
-    wall = time.perf_counter() - start
-    finished = [t for t in study.trials if t.state.is_finished()
-                and t.state != optuna.trial.TrialState.FAIL]
-    params = suggest_params(optuna.trial.FixedTrial(study.best_params), cfg)
-    # keras-tuner scores a trial by its best epoch (MetricsTracker.get_best_value), Optuna by
-    # what the objective returns (the last epoch): report both statistics for both tools
-    best_epoch = max((max(t.intermediate_values.values()) for t in finished
-                      if t.intermediate_values), default=float("nan"))
-    return {"wall_s": wall, "trials": len(finished),
-            "epochs": sum(len(t.intermediate_values) for t in finished),
-            "best_val_acc": best_epoch, "final_val_acc": float(study.best_value),
-            "params": params, "study": study}
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b with None for "not reached": 0 when only b was not reached, None when a was not."""
+    if a is None:
+        return None
+    if b is None:
+        return 0.0
+    return a / b if b > 0 else None
 
 
-def overhead(cfg: StudyConfig, fixed: dict, split: data.Split, workdir: Path, epochs: int) -> dict:
+def final_val(study, max_epochs: int) -> float | None:
+    """The best last-epoch validation accuracy of the trials that were trained to the full
+    ``max_epochs`` (Optuna's value for a complete trial; a keras-tuner Hyperband trial of the
+    last round of a bracket ends there too)."""
+    finals = []
+    for t in study.get_trials(deepcopy=False):
+        log = t.user_attrs.get("epoch_log") or []
+        last = t.user_attrs.get("kt_hyperband", {}).get("epochs", len(log))
+        if log and last == max_epochs and log[-1][1] is not None:
+            finals.append(float(log[-1][1]))
+    return max(finals, default=None)
+
+
+def run_workload(key: str, quick: bool, repeats: int, storage: str, folder: Path) -> dict:
+    """One compare of the workload's strategies; the per-repeat figures of each strategy."""
+    import optuna
+
+    from mnist_opt.reporting.time_to_target import repeat_result, time_to_target
+    from mnist_opt.search.compare import compare
+    from mnist_opt.search.strategies import Budget, parse_strategies, plan
+    from mnist_opt.study.config import find_study
+
+    work = WORKLOADS[key]
+    cfg = find_study(work["study"], ROOT / "studies")
+    pairs = _strategies(work, f"{cfg.search.sampler}+{cfg.search.pruner}")
+    names = list(dict.fromkeys(s for pair in pairs.values() for s in pair))
+    trials = QUICK["trials"] if quick else work["trials"]
+    epochs = QUICK["max_epochs"] if quick else work["max_epochs"]
+    subset = QUICK["train_subset"] if quick else None
+    budget = Budget(trials=trials)
+    command = shlex.join(["mnist-opt", "compare", work["study"], "--strategies", *names,
+                          "--repeats", str(repeats), "--budget-trials", str(trials),
+                          "--workers", "1", "--retrain", "--max-epochs", str(epochs),
+                          *(["--train-subset", str(subset)] if subset else [])])
+    print(f"\n== {key}: {command}", flush=True)
+    todo = plan(cfg, parse_strategies(names), repeats, budget, folder, epochs, subset)
+    out = compare(cfg, todo, budget, 1, storage, None, command, folder, retrain=True)
+    per: dict[str, dict[str, list]] = {}
+    for repeat in todo:
+        study = optuna.load_study(study_name=repeat.name, storage=storage)
+        r = repeat_result(study)
+        fig = per.setdefault(repeat.strategy.label, {k: [] for k in (
+            "time_to_target", "wall_s", "best_val", "final_val", "test_acc", "epochs",
+            "trials")})
+        fig["time_to_target"].append(time_to_target(r.curve, out.target))
+        fig["wall_s"].append(r.wall_s)
+        fig["best_val"].append(r.final_best)
+        fig["final_val"].append(final_val(study, epochs))
+        fig["test_acc"].append(r.test_accuracy)
+        fig["epochs"].append(r.epochs)
+        fig["trials"].append(r.n_complete + r.n_pruned + r.n_failed)
+    strategies = {name: {k: _spread(v) for k, v in fig.items()} for name, fig in per.items()}
+    modes = {}
+    for mode, (ours, theirs) in pairs.items():
+        a, b = strategies[ours], strategies[theirs]
+        paired = [_ratio(x, y) for x, y in zip(a["time_to_target"]["values"],
+                                               b["time_to_target"]["values"])]
+        modes[mode] = {
+            "ours": ours, "keras_tuner": theirs,
+            "time_to_target_ratio": _ratio(a["time_to_target"]["median"],
+                                           b["time_to_target"]["median"]),
+            "time_to_target_ratio_paired": _spread(paired),
+            "wall_ratio": _ratio(a["wall_s"]["median"], b["wall_s"]["median"]),
+            "wall_ratio_paired": _spread([_ratio(x, y) for x, y in zip(
+                a["wall_s"]["values"], b["wall_s"]["values"])])}
+    return {"study": work["study"], "title": work["title"], "command": command,
+            "trials": trials, "max_epochs": epochs, "train_subset": subset,
+            "repeats": repeats, "target": out.target, "target_source": out.target_source,
+            "summary": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
+            "verdict": out.verdict, "strategies": strategies, "modes": modes}
+
+
+def overhead(cfg, params: dict, workdir: Path, epochs: int) -> dict:
     """Per-epoch time of one fixed configuration: inside our trial vs a bare ``model.fit``."""
-    model = compile_model(fresh_model(fixed, seed=0), fixed, len(split.y_train))
+    import keras
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from mnist_opt.search.runner import run_study
+    from mnist_opt.study.space import fixed_space
+    from mnist_opt.training.loop import compile_model, fresh_model, study_split
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter())
+
+    split = study_split(cfg)
+    model = compile_model(fresh_model(params, seed=0), params, len(split.y_train))
     counter = EpochTimer()
     start = time.perf_counter()
     model.fit(split.x_train, split.y_train, validation_data=(split.x_val, split.y_val),
-              batch_size=fixed["batch_size"], epochs=epochs, verbose=0, callbacks=[counter])
+              batch_size=params["batch_size"], epochs=epochs, verbose=0, callbacks=[counter])
     bare = statistics.median(np.diff([start, *counter.times])[1:])
-    ours_cfg = cfg.model_copy(update={
-        "name": "overhead", "space": fixed_space(cfg.model, fixed),
+    one = cfg.model_copy(update={
+        "name": "overhead", "space": fixed_space(cfg.model, params),
         "search": cfg.search.model_copy(update={"n_trials": 1, "pruner": "none"}),
         "training": cfg.training.model_copy(update={"max_epochs": epochs})})
-    result = run_ours(ours_cfg, workdir / "overhead", workers=1)
-    run_id = result["study"].trials[0].user_attrs["mlflow_run_id"]
+    db = workdir / "overhead.db"
+    db.unlink(missing_ok=True)  # measured afresh on every run, not resumed
+    study = run_study(one, f"sqlite:///{db}", verbose=False, progress=False, workers=1)
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
     stamps = [m.timestamp / 1000 for m in sorted(
         MlflowClient().get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)]
     ours = statistics.median(np.diff(stamps))
-    return {"bare_epoch_s": bare, "ours_epoch_s": ours, "overhead_ratio": ours / bare}
+    return {"bare_epoch_s": bare, "ours_epoch_s": ours, "ratio": ours / bare, "epochs": epochs,
+            "params": params}
 
 
-def memory(cfg: StudyConfig, workdir: Path, n_trials: int, workers: int) -> dict:
-    """RSS after each trial, as each trial records it: in one process, and with our workers.
+def memory(cfg, workdir: Path, n_trials: int, workers: int) -> dict:
+    """RSS after every trial (each trial records its process's ``rss_mb``): one process
+    running all ``n_trials``, then ``workers`` recycled worker processes running them.
 
     In one process TensorFlow's per-model leak shows (tf-keras#286); worker processes are
-    replaced every ``trials_per_worker`` trials, which bounds it. Data is loaded once per
-    process and the Keras session cleared before every trial in both cases.
+    replaced every ``trials_per_worker`` trials, which bounds it.
     """
-    mem_cfg = with_overrides(cfg.model_copy(update={"name": "memory"}), n_trials=n_trials,
-                             max_epochs=1)
+    from mnist_opt.search.runner import run_study
+    from mnist_opt.study.config import with_overrides
+
     out = {}
-    for key, n in (("in_process", 1), ("workers", workers)):
-        study = run_ours(mem_cfg.model_copy(update={"name": f"memory_{key}"}),
-                         workdir / f"memory_{key}", workers=n)["study"]
+    for key, n in (("one_process", 1), ("workers", workers)):
+        run = with_overrides(cfg.model_copy(update={"name": f"memory_{key}"}),
+                             n_trials=n_trials, max_epochs=1)
+        db = workdir / f"memory_{key}.db"
+        db.unlink(missing_ok=True)  # measured afresh on every run, not resumed
+        study = run_study(run, f"sqlite:///{db}", verbose=False, progress=False, workers=n)
         trials = sorted((t for t in study.trials if "rss_mb" in t.user_attrs),
                         key=lambda t: t.datetime_complete)
         by_pid: dict[int, list[float]] = {}
         for t in trials:
-            by_pid.setdefault(t.user_attrs["pid"], []).append(t.user_attrs["rss_mb"])
-        rss = [t.user_attrs["rss_mb"] for t in trials]
-        out[key] = {"trials": len(rss), "processes": len(by_pid), "start_mb": rss[0],
-                    "end_mb": rss[-1], "max_mb": max(rss),
-                    # the most any one process grew after its first trial
-                    "growth_mb": max(max(v) - v[0] for v in by_pid.values())}
-    return {"memory": out, "rss_start_mb": out["workers"]["start_mb"],
-            "rss_end_mb": out["workers"]["end_mb"], "rss_max_mb": out["workers"]["max_mb"],
-            "rss_growth_mb": out["workers"]["growth_mb"], "rss_trials": out["workers"]["trials"]}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="subset and fewer trials (< 10 min)")
-    parser.add_argument("--workers", type=int, default=2, help="our parallel trials (default 2)")
-    parser.add_argument("--save", type=Path, help="also write the output, the command and the "
-                                                  "machine to this markdown file")
-    args = parser.parse_args()
-    if args.save:
-        args.save = args.save.resolve()  # the benchmark works in a temporary directory
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    subset = 6000 if args.quick else None
-    classic_epochs, fashion_trials, fashion_epochs = (4, 6, 3) if args.quick else (10, 20, 8)
-    rows, out = [], {"quick": args.quick, "workers": args.workers}
-    with tempfile.TemporaryDirectory(prefix="mnist_opt_bench_") as tmp:
-        work = Path(tmp)
-        os.chdir(work)  # keras-tuner and MLflow write here, not in the repository
-        classic = with_overrides(find_study("mlp_hyperband", ROOT / "studies"),
-                                 max_epochs=classic_epochs, train_subset=subset)
-        ds = data.load(classic.dataset)
-        split = data.split(ds, classic.data.val_fraction, classic.data.seed, subset)
-        ktr = run_keras_tuner(classic, split, kt.Hyperband, work / "kt_classic",
-                              max_epochs=classic_epochs, factor=3)
-        ours = run_ours(with_overrides(classic, n_trials=ktr["trials"]), work / "classic",
-                        args.workers)
-        for name, r in (("keras-tuner Hyperband", ktr), ("mnist_opt TPE+Hyperband", ours)):
-            r["test_acc"] = retrain_test(r["params"], split, ds, classic_epochs)
-            rows.append(("classic MLP", name, r))
-        out["classic"] = _compare(ours, ktr)
-
-        fashion = with_overrides(find_study("fashion_mlp_tpe", ROOT / "studies"),
-                                 n_trials=fashion_trials, max_epochs=fashion_epochs,
-                                 train_subset=subset)
-        fds = data.load(fashion.dataset)
-        fsplit = data.split(fds, fashion.data.val_fraction, fashion.data.seed, subset)
-        ktf = run_keras_tuner(fashion, fsplit, kt.BayesianOptimization, work / "kt_fashion",
-                              max_trials=fashion_trials)
-        rows.append(("fashion MLP", "keras-tuner Bayesian", ktf))
-        for sampler in ("tpe", "gp"):
-            cfg = fashion.model_copy(update={"name": f"fashion_{sampler}", "search":
-                                             fashion.search.model_copy(update={"sampler": sampler})})
-            r = run_ours(cfg, work / f"fashion_{sampler}", args.workers)
-            rows.append(("fashion MLP", f"mnist_opt {sampler.upper()}", r))
-            out[f"fashion_{sampler}"] = _compare(r, ktf)
-        for _, _, r in rows[2:]:
-            r["test_acc"] = retrain_test(r["params"], fsplit, fds, fashion_epochs)
-        out.update(overhead(classic, ours["params"], split, work, epochs=4 if args.quick else 6))
-        out.update(memory(classic, work, 30 if args.quick else 40, args.workers))
-    out["time_ratio"] = out["classic"]["time_ratio"]
-    out["val_acc_delta"] = out["classic"]["val_acc_delta"]
-    text = _table(rows, out) + "\n" + json.dumps(out, sort_keys=True)
-    print(text)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(_report(text, started, args))
-        print(f"wrote {args.save}")
-    return 0
+            by_pid.setdefault(t.user_attrs["pid"], []).append(round(t.user_attrs["rss_mb"], 1))
+        out[key] = {"trials": len(trials), "processes": len(by_pid),
+                    "rss_after_each_trial_mb": [round(t.user_attrs["rss_mb"], 1) for t in trials],
+                    "per_process": [{"trials": len(v), "first_mb": v[0], "max_mb": max(v),
+                                     "growth_mb": round(max(v) - v[0], 1)}
+                                    for v in by_pid.values()]}
+    return out
 
 
 def _machine() -> str:
+    import psutil
+
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor())
@@ -238,46 +245,168 @@ def _machine() -> str:
             f"{platform.platform()}; Python {platform.python_version()}; {versions}")
 
 
-def _report(text: str, started: str, args) -> str:
-    flags = " ".join(f for f in ("--quick" if args.quick else "",
-                                 f"--workers {args.workers}" if args.workers != 2 else "") if f)
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a {QUICK['train_subset']}-image subset, {QUICK['trials']} trials "
+                             f"of ≤{QUICK['max_epochs']} epochs, {QUICK['repeats']} repeats")
+    parser.add_argument("--repeats", type=int, help="repeats per strategy (default 3)")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                        default=list(WORKLOADS))
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes of the memory figure (default 2)")
+    parser.add_argument("--render", action="store_true",
+                        help="only write latest.md and the README section from latest.json")
+    args = parser.parse_args()
+    if args.render:
+        return render(json.loads((RESULTS / "latest.json").read_text()))
+    repeats = args.repeats or (QUICK["repeats"] if args.quick else 3)
+    work = ROOT / "bench" / ("work-quick" if args.quick else "work")  # git-ignored
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    storage = f"sqlite:///{work / 'optuna.db'}"
+
+    from mnist_opt.quiet import import_tensorflow
+
+    import_tensorflow()  # quietly, before Keras and MLflow import it
+    import optuna
+
+    from mnist_opt.study.config import find_study, with_overrides
+    from mnist_opt.study.space import baseline_params
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     command = "make bench-quick" if args.quick else "make bench"
-    return (f"# mnist_opt vs keras-tuner: {command}\n\n"
-            f"- command: `{command}` (runs `{f'python bench/bench.py {flags}'.strip()}` from the "
-            f"repository root)\n- started: {started}, finished: "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n- machine: {_machine()}\n\n"
-            "Timings on these machines are noisy and differ between machines: read the "
-            "ratios, which compare runs inside this one invocation.\n\n"
-            f"```\n{text}\n```\n")
+    flags = [f for f in (f"--repeats {args.repeats}" if args.repeats else "",
+                         "--workloads " + " ".join(args.workloads)
+                         if args.workloads != list(WORKLOADS) else "") if f]
+    if flags:
+        command += f' ARGS="{" ".join(flags)}"'
+    folders = (work / "compare") if args.quick else RESULTS
+    path = (work if args.quick else RESULTS) / "latest.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    out = {"command": command, "started": started, "machine": _machine(), "quick": args.quick,
+           "workloads": {**{k: v for k, v in old.get("workloads", {}).items()
+                            if k not in args.workloads}}}
+    for key in args.workloads:
+        out["workloads"][key] = run_workload(key, args.quick, repeats, storage, folders / key)
+    classic = with_overrides(find_study("mlp_hyperband", ROOT / "studies"),
+                             train_subset=QUICK["train_subset"] if args.quick else None)
+    print("\n== per-epoch overhead and memory", flush=True)
+    out["overhead"] = overhead(classic, baseline_params(classic), work, 4 if args.quick else 6)
+    out["memory"] = memory(classic, work, 30 if args.quick else 40, args.workers)
+    out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return render(out, readme=not args.quick, folder=path.parent)
 
 
-def _compare(ours: dict, theirs: dict) -> dict:
-    return {"time_ratio": ours["wall_s"] / theirs["wall_s"],
-            "val_acc_delta": ours["best_val_acc"] - theirs["best_val_acc"],
-            "final_val_acc_delta": ours["final_val_acc"] - theirs["final_val_acc"]}
+# -- rendering: latest.md and the README section, from latest.json only ----------------------
+
+def _f(value: float | None, digits: int = 4, unit: str = "") -> str:
+    return "not reached" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def _table(rows, out) -> str:
-    lines = [f"{'workload':12} {'tool':26} {'wall s':>8} {'trials':>6} {'epochs':>6} "
-             f"{'best val':>8} {'final val':>9} {'test':>7}"]
-    for workload, tool, r in rows:
-        lines.append(f"{workload:12} {tool:26} {r['wall_s']:8.1f} {r['trials']:6d} "
-                     f"{r['epochs']:6d} {r['best_val_acc']:8.4f} {r['final_val_acc']:9.4f} "
-                     f"{r.get('test_acc', float('nan')):7.4f}")
-    lines.append("best val: the best epoch of any trial (keras-tuner's trial score); final val: "
-                 "the last epoch of a trial trained to the full budget (Optuna's value)")
-    lines.append(f"\nper-epoch overhead: ours {out['ours_epoch_s']:.3f} s vs bare fit "
-                 f"{out['bare_epoch_s']:.3f} s → ratio {out['overhead_ratio']:.3f}")
-    for key, m in out["memory"].items():
-        lines.append(f"RSS {key:10} over {m['trials']} trials in {m['processes']} process(es): "
-                     f"start {m['start_mb']:.0f} MB, end {m['end_mb']:.0f} MB, max "
-                     f"{m['max_mb']:.0f} MB; most one process grew {m['growth_mb']:+.0f} MB")
-    lines.append("ratios: time (ours / keras-tuner, same trials) and best-val-accuracy delta:")
-    for key in ("classic", "fashion_tpe", "fashion_gp"):
-        lines.append(f"  {key:12} time_ratio {out[key]['time_ratio']:.2f}  "
-                     f"val_acc_delta {out[key]['val_acc_delta']:+.4f}  "
-                     f"final_val_acc_delta {out[key]['final_val_acc_delta']:+.4f}")
+def _cell(spread: dict, digits: int = 4, unit: str = "") -> str:
+    """``median (min–max)``; max "not reached" when a repeat did not reach it."""
+    if spread["median"] is None and spread["min"] is None:
+        return "not reached"
+    top = "not reached" if spread["max"] is None else _f(spread["max"], digits)
+    return f"{_f(spread['median'], digits, unit)} ({_f(spread['min'], digits)}–{top})"
+
+
+def comparison_table(out: dict) -> str:
+    """One row per workload and mode: the headline ratio, then each side's figures."""
+    lines = ["| workload | mode | strategies (ours vs keras-tuner) | **time-to-target ratio** "
+             "(paired: median, min–max) | wall ratio, full budget | time to target, s | "
+             "best val | final val | test acc (retrained best) | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for w in out["workloads"].values():
+        for mode, m in w["modes"].items():
+            a, b = w["strategies"][m["ours"]], w["strategies"][m["keras_tuner"]]
+            pair = m["time_to_target_ratio_paired"]
+            lines.append(
+                f"| {w['title']}, {w['trials']} trials, ≤{w['max_epochs']} epochs, target "
+                f"{w['target']:.4f} | {mode.replace('_', ' ')} | {m['ours']} vs "
+                f"{m['keras_tuner']} | **{_f(m['time_to_target_ratio'], 2)}** "
+                f"({_cell(pair, 2)}) | {_f(m['wall_ratio'], 2)} | "
+                f"{_cell(a['time_to_target'], 0)} vs {_cell(b['time_to_target'], 0)} | "
+                f"{_cell(a['best_val'])} vs {_cell(b['best_val'])} | "
+                f"{_cell(a['final_val'])} vs {_cell(b['final_val'])} | "
+                f"{_cell(a['test_acc'])} vs {_cell(b['test_acc'])} | "
+                f"{_cell(a['epochs'], 0)} vs {_cell(b['epochs'], 0)} |")
     return "\n".join(lines)
+
+
+def _notes(out: dict) -> list[str]:
+    o, mem = out["overhead"], out["memory"]
+    one, wk = mem["one_process"], mem["workers"]
+    grow = max(p["growth_mb"] for p in wk["per_process"])
+    repeats = sorted({w["repeats"] for w in out["workloads"].values()})
+    return [
+        f"Each figure is the median over {'/'.join(map(str, repeats))} repeats (seeds differ "
+        "across repeats, equal across tools) with min–max in brackets; \"not reached\" ranks "
+        "last. Time to target: seconds from the tool's process start until the best "
+        "validation accuracy of any completed epoch first reaches the target (the lowest "
+        "median final best of the compared strategies, or the previous run's: see each "
+        "workload's summary). The ratio is ours / keras-tuner's: below 1, ours is faster. "
+        "Best val: the best epoch of any trial (keras-tuner's score); final val: the last "
+        "epoch of a trial trained to the full budget (Optuna's value); test acc: each "
+        "repeat's best configuration retrained as `mnist-opt retrain` does (all "
+        "training images of the workload) and scored on the test set. One worker process per repeat for both "
+        "tools, the same trial budget (keras-tuner's Hyperband counts each round of a "
+        "bracket as a trial).",
+        f"Per-epoch time of one configuration: {o['ours_epoch_s']:.3f} s inside our trial vs "
+        f"{o['bare_epoch_s']:.3f} s for a bare `model.fit` on NumPy arrays (ratio "
+        f"{o['ratio']:.2f}; median of {o['epochs'] - 1} epochs after the first).",
+        f"Memory, one process running {one['trials']} one-epoch trials: RSS "
+        f"{one['rss_after_each_trial_mb'][0]:.0f} MB after the first trial, "
+        f"{max(one['rss_after_each_trial_mb']):.0f} MB at most, "
+        f"{one['rss_after_each_trial_mb'][-1]:.0f} MB after the last "
+        f"(+{one['per_process'][0]['growth_mb']:.0f} MB: TensorFlow's per-model leak). "
+        f"The same {wk['trials']} trials in recycled worker processes "
+        f"({wk['processes']} processes over the run, {max(p['trials'] for p in wk['per_process'])} "
+        f"trials at most each): a worker process grew by {grow:.0f} MB at most.",
+    ]
+
+
+def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
+    """``latest.md`` beside the JSON and, for a full run, the README's section."""
+    table = comparison_table(out)
+    notes = _notes(out)
+    verdicts = [f"- {w['title']}: {line}" for w in out["workloads"].values()
+                for line in w["verdict"]]
+    md = "\n".join([
+        f"# mnist_opt vs keras-tuner: {out['command']}", "",
+        f"- command: `{out['command']}` (runs `python bench/bench.py` from the repository "
+        "root; `python bench/bench.py --render` rewrites this file and the README section from "
+        "`latest.json`)",
+        f"- started: {out['started']}, finished: {out['finished']}",
+        f"- machine: {out['machine']}",
+        *[f"- {w['title']}: `{w['command']}`; target {w['target']:.4f} ({w['target_source']}); "
+          f"curves, table and per-repeat studies in `{w['summary']}/`"
+          for w in out["workloads"].values()], "",
+        "Timings on these machines are noisy and differ between machines: read the ratios, "
+        "which compare runs inside this one invocation.", "",
+        table, "", *[f"{n}\n" for n in notes],
+        "The compare verdicts (Mann–Whitney U, α = 0.05; fewer than 5 repeats a side is "
+        "\"too few repeats\"):", "", *verdicts, ""])
+    (folder / "latest.md").write_text(md)
+    print(md)
+    if readme:
+        path = ROOT / "README.md"
+        text = path.read_text()
+        block = "\n".join([README_START, "", table, "", *[f"{n}\n" for n in notes],
+                           README_END])
+        new, count = re.subn(re.escape(README_START) + ".*?" + re.escape(README_END),
+                             lambda _: block, text, flags=re.S)
+        if count != 1:
+            print(f"README.md has no {README_START} … {README_END} block", file=sys.stderr)
+            return 1
+        path.write_text(new)
+        print("updated README.md")
+    return 0
 
 
 if __name__ == "__main__":

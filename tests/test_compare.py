@@ -90,6 +90,17 @@ def test_each_repeat_has_its_seed_the_same_across_strategies_and_the_budget(tmp_
     assert not (tmp_path / "out").exists()  # a plan writes nothing
     with pytest.raises(StrategyError, match="one budget"):
         Budget()
+    with pytest.raises(StrategyError, match="one budget"):
+        Budget(seconds=30, trials=5)
+    with pytest.raises(StrategyError, match="--budget-trials must be a positive integer"):
+        Budget(trials=0)
+
+
+def test_a_trial_budget_is_the_repeats_trial_count_and_nothing_else(tmp_path):
+    cfg = load_config(_file(tmp_path))
+    for r in plan(cfg, parse_strategies(STRATEGIES), 2, Budget(trials=7), tmp_path / "out"):
+        search = r.config.search
+        assert (search.timeout, search.epoch_budget, search.n_trials) == (None, None, 7)
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -98,8 +109,8 @@ def test_each_repeat_has_its_seed_the_same_across_strategies_and_the_budget(tmp_
 @pytest.mark.slow
 def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tmp_path):
     path = _file(tmp_path)
-    proc = subprocess.run(_command(path, stores["storage"]), cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_command(path, stores["storage"], "--retrain"), cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     folder = tmp_path / "reports" / "compare" / "tiny"
@@ -109,6 +120,7 @@ def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tm
     assert all((folder / p).stat().st_size > 0 for p in report["plots"])
     md = (folder / "summary.md").read_text()
     assert "too few repeats" in md and "| strategy |" in md and report["command"] in md
+    assert "--retrain" in report["command"] and "test acc: median [min, max]" in md
     assert f"{os.cpu_count()} CPUs" in md
 
     # the table's numbers, recomputed from the storage's trials
@@ -127,7 +139,14 @@ def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tm
             # the budget: 2 epochs of 1-epoch trials, and no trial after it
             assert len(epochs) == 2 and len(study.trials) == 2
             assert study.user_attrs["compare_clock_start"] < min(e[0] for e in epochs)
+            # --retrain: the trial with the best epoch, scored on the test set
+            best = max(study.trials, key=lambda t: max(a for _, a in t.user_attrs["epoch_log"]))
+            assert study.user_attrs["compare_test_trial"] == best.number
+            assert 0.1 < study.user_attrs["compare_test_accuracy"] <= 1
         finals = [max(acc for _, acc in _epochs(s)) for s in mine]
+        tests = [s.user_attrs["compare_test_accuracy"] for s in mine]
+        assert rows[label]["test_accuracy_median"] == pytest.approx(statistics.median(tests))
+        assert rows[label]["test_accuracy_min"] == min(tests)
         assert rows[label]["final_best_median"] == pytest.approx(statistics.median(finals))
         assert rows[label]["epochs_median"] == statistics.median(len(_epochs(s)) for s in mine)
         assert rows[label]["repeats"] == 2

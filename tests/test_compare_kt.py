@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 
 from mnist_opt.search import strategies as strat
 from mnist_opt.search.strategies import (KT_TUNERS, Budget, KerasTunerStrategy, OptunaStrategy,
@@ -37,6 +38,16 @@ def test_kt_names_are_strategies_beside_sampler_plus_pruner(monkeypatch):
     assert f"keras-tuner's {', '.join(KT_TUNERS)}" in str(err.value)
     with pytest.raises(StrategyError, match="twice"):
         parse_strategies(["kt-random", "KT-RANDOM"])
+    # keras-tuner as its documentation starts a user: a strategy of its own
+    both = parse_strategies(["kt-bayesian", "kt-bayesian-defaults"])
+    assert [(s.label, s.tuner, s.defaults) for s in both] == [
+        ("kt-bayesian", "BayesianOptimization", False),
+        ("kt-bayesian-defaults", "BayesianOptimization", True)]
+    assert ["--defaults" in s.command(Path("f.yaml"), "sqlite:///x.db", 1, False)
+            for s in both] == [False, True]
+    with pytest.raises(StrategyError) as err:
+        parse_strategies(["kt-bayesian-default"])
+    assert "add -defaults for its defaults" in str(err.value)
 
 
 def test_kt_strategies_without_keras_tuner_say_how_to_install_it(monkeypatch):
@@ -120,3 +131,41 @@ def test_compare_runs_keras_tuner_beside_an_optuna_strategy(stores, tmp_path):
     rows = {r["strategy"]: r for r in json.loads((folder / "summary.json").read_text())["rows"]}
     assert rows["kt-random"]["epochs_median"] == len(epochs)
     assert rows["kt-random"]["final_best_median"] == pytest.approx(max(a for _, a in epochs))
+
+    # its own MLflow run, nested under the compare run beside ours, with its curve
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("compare-tiny")
+    parent = client.search_runs([exp.experiment_id], "tags.`mnist_opt.kind` = 'compare'")[0]
+    nested = {r.data.tags["optuna.study_name"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert sorted(nested) == sorted(repeats)
+    run = nested["tiny.cmp.kt-random.r0"]
+    assert run.info.status == "FINISHED" and run.data.tags["mnist_opt.tool"] == "keras-tuner"
+    assert run.data.params["tuner"] == "kt-random"
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(max(a for _, a in epochs))
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(m.value for m in history) == pytest.approx(sorted(a for _, a in epochs))
+
+
+@needs_kt
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_kt_defaults_with_a_trial_budget_stop_after_that_many_trials(stores, tmp_path):
+    """keras-tuner out of the box (NumPy fit, its own Hyperband iterations) under
+    ``--budget-trials``: exactly that many keras-tuner trials, recorded like ours."""
+    storage = stores["storage"]
+    command = [sys.executable, "-m", "mnist_opt", "compare", str(_file(tmp_path)),
+               "--strategies", "kt-hyperband-defaults", "--repeats", "1",
+               "--budget-trials", "3", "--max-epochs", "3", "--storage", storage]
+    proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    study = _repeats(storage)["tiny.cmp.kt-hyperband-defaults.r0"]
+    assert study.user_attrs["compare_setup"]["n_trials"] == 3
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    # Hyperband's first bracket: each trial says how far it trained
+    assert all(t.user_attrs["kt_hyperband"]["epochs"] <= 3 for t in trials)
+    log = (tmp_path / "reports" / "compare" / "tiny" / "logs"
+           / "tiny.cmp.kt-hyperband-defaults.r0.log").read_text()
+    assert "--defaults" in log.splitlines()[0]

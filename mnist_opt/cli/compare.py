@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per repeat: no new trial after S seconds of search")
     budget.add_argument("--budget-epochs", type=int, metavar="E",
                         help="per repeat: no new trial once its trials completed E epochs")
+    budget.add_argument("--budget-trials", type=int, metavar="N",
+                        help="per repeat: N trials, as each tool counts them (keras-tuner's "
+                             "Hyperband counts each round of a bracket as a trial)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="also score each repeat's best configuration on the test set, "
+                             "trained as `retrain` does (all training images, retrain_epochs)")
     parser.add_argument("-w", "--workers", type=int, default=1,
                         help="worker processes per repeat, the same for every strategy (default 1)")
     parser.add_argument("--target", type=float, metavar="ACC",
@@ -46,9 +52,10 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this comparison (for summary.md and MLflow)."""
     words = ["mnist-opt", "compare", args.name, "--strategies", *args.strategies,
              "--repeats", str(args.repeats)]
-    words += (["--budget-seconds", str(args.budget_seconds)] if args.budget_seconds is not None
-              else ["--budget-epochs", str(args.budget_epochs)])
-    words += ["--workers", str(args.workers)]
+    for flag in ("budget_seconds", "budget_epochs", "budget_trials"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    words += ["--workers", str(args.workers), *(["--retrain"] if args.retrain else [])]
     for flag in ("target", "max_epochs", "train_subset", "storage"):
         if getattr(args, flag) is not None:
             words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -65,7 +72,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = find_study(args.name)
     strategies = parse_strategies(args.strategies)
     check_workers(strategies, args.workers)
-    budget = Budget(seconds=args.budget_seconds, epochs=args.budget_epochs)
+    budget = Budget(seconds=args.budget_seconds, epochs=args.budget_epochs,
+                    trials=args.budget_trials)
     folder = Path("reports") / "compare" / cfg.name
     repeats = plan(cfg, strategies, args.repeats, budget, folder, args.max_epochs,
                    args.train_subset)
@@ -84,7 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
           f"{'s' * (args.workers != 1)} per repeat, storage {storage}", flush=True)
     try:
         out = compare(cfg, repeats, budget, args.workers, storage, args.target, _command(args),
-                      folder, args.verbose)
+                      folder, args.verbose, args.retrain)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue (finished repeats are "
               "kept, the interrupted one is redone)", file=sys.stderr)

@@ -101,6 +101,8 @@ class RepeatResult:
         wall_s: seconds from the clock start to the last trial's end (or last epoch, if later).
         epochs: epochs trained, all trials together.
         n_complete, n_pruned, n_failed: trials in each state.
+        test_accuracy: its best configuration retrained and scored on the test set
+            (``compare --retrain``), else None.
     """
 
     strategy: str
@@ -112,6 +114,7 @@ class RepeatResult:
     n_complete: int = 0
     n_pruned: int = 0
     n_failed: int = 0
+    test_accuracy: float | None = None
 
 
 class SummaryRow(TypedDict):
@@ -133,6 +136,9 @@ class SummaryRow(TypedDict):
     n_complete: int
     n_pruned: int
     n_failed: int
+    test_accuracy_median: float | None  # of the repeats retrained (compare --retrain)
+    test_accuracy_min: float | None
+    test_accuracy_max: float | None
 
 
 class PairVerdict(TypedDict):
@@ -198,7 +204,7 @@ def epochs_to_target(curve: Curve, target: float) -> int | None:
 
 def repeat_from_epochs(strategy: str, repeat: int, epochs: Iterable[Epoch], clock_start: float,
                        end_time: float | None = None, n_complete: int = 0, n_pruned: int = 0,
-                       n_failed: int = 0) -> RepeatResult:
+                       n_failed: int = 0, test_accuracy: float | None = None) -> RepeatResult:
     """A repeat from plain epoch records: the common ground of Optuna and other tools.
 
     ``end_time`` (unix seconds) is when its last trial ended; the last epoch's end if later or
@@ -212,7 +218,7 @@ def repeat_from_epochs(strategy: str, repeat: int, epochs: Iterable[Epoch], cloc
                         final_best=final if math.isfinite(final) else None,
                         wall_s=max(0.0, max(ends, default=clock_start) - clock_start),
                         epochs=len(steps.epochs), n_complete=n_complete, n_pruned=n_pruned,
-                        n_failed=n_failed)
+                        n_failed=n_failed, test_accuracy=test_accuracy)
 
 
 def repeat_result(study: optuna.Study) -> RepeatResult:
@@ -232,7 +238,7 @@ def repeat_result(study: optuna.Study) -> RepeatResult:
         str(attrs["compare_strategy"]), int(attrs["compare_repeat"]), epochs_of(trials),
         float(attrs["compare_clock_start"]), end_time=max(ends, default=None),
         n_complete=states[TrialState.COMPLETE], n_pruned=states[TrialState.PRUNED],
-        n_failed=states[TrialState.FAIL])
+        n_failed=states[TrialState.FAIL], test_accuracy=attrs.get("compare_test_accuracy"))
 
 
 def by_strategy(results: Iterable[RepeatResult]) -> dict[str, list[RepeatResult]]:
@@ -286,6 +292,7 @@ def default_target(results: Iterable[RepeatResult]) -> float:
 
 def _row(strategy: str, group: list[RepeatResult], target: float) -> SummaryRow:
     times, finals = _times(group, target), _finals(group)
+    tests = [r.test_accuracy for r in group if r.test_accuracy is not None]
     needed = [epochs_to_target(r.curve, target) for r in group]
     return SummaryRow(
         strategy=strategy, repeats=len(group), target=target,
@@ -301,7 +308,9 @@ def _row(strategy: str, group: list[RepeatResult], target: float) -> SummaryRow:
         epochs_median=float(np.median([r.epochs for r in group])),
         wall_s_median=float(np.median([r.wall_s for r in group])),
         n_complete=sum(r.n_complete for r in group), n_pruned=sum(r.n_pruned for r in group),
-        n_failed=sum(r.n_failed for r in group))
+        n_failed=sum(r.n_failed for r in group),
+        test_accuracy_median=float(np.median(tests)) if tests else None,
+        test_accuracy_min=min(tests, default=None), test_accuracy_max=max(tests, default=None))
 
 
 def summary(results: Iterable[RepeatResult], target: float) -> list[SummaryRow]:
@@ -391,6 +400,12 @@ def _cells(rows: list[SummaryRow]) -> tuple[list[str], list[list[str]]]:
               _number(r["time_to_target_median"], 1, " s"), f"{r['reached']}/{r['repeats']}",
               _number(r["epochs_to_target_median"], 0), f"{r['epochs_median']:.0f}",
               str(r["n_complete"]), str(r["n_pruned"]), str(r["n_failed"])] for r in rows]
+    if any(r.get("test_accuracy_median") is not None for r in rows):  # compare --retrain
+        header.append("test acc: median [min, max]")
+        for row, line in zip(rows, cells):
+            line.append("–" if row.get("test_accuracy_median") is None else
+                        f"{row['test_accuracy_median']:.4f} [{row['test_accuracy_min']:.4f}, "
+                        f"{row['test_accuracy_max']:.4f}]")
     return header, cells
 
 

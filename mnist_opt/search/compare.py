@@ -73,8 +73,10 @@ class Outcome:
 
 
 def compare(cfg: StudyConfig, plan: list[Repeat], budget: Budget, workers: int, storage: str,
-            target: float | None, command: str, folder: Path, verbose: bool = False) -> Outcome:
-    """Run the repeats of ``plan`` that are not finished yet, then report on all of them.
+            target: float | None, command: str, folder: Path, verbose: bool = False,
+            retrain: bool = False) -> Outcome:
+    """Run the repeats of ``plan`` that are not finished yet, then report on all of them;
+    with ``retrain``, first score each repeat's best configuration on the test set.
 
     Raises :class:`StudyFailedError` when a repeat's process fails (the rerun redoes it) and
     ``KeyboardInterrupt`` on Ctrl-C / SIGTERM (passed on to the repeat's process first).
@@ -85,7 +87,8 @@ def compare(cfg: StudyConfig, plan: list[Repeat], budget: Budget, workers: int, 
     params = {"study": cfg.name, "strategies": " ".join(dict.fromkeys(
                   r.strategy.label for r in plan)),
               "repeats": max(r.index for r in plan) + 1, "budget_seconds": budget.seconds,
-              "budget_epochs": budget.epochs, "workers": workers, "storage": storage,
+              "budget_epochs": budget.epochs, "budget_trials": budget.trials,
+              "workers": workers, "storage": storage, "retrain": retrain,
               "max_epochs": plan[0].config.training.max_epochs,
               "train_subset": plan[0].config.data.train_subset, "target_given": target}
     with tracking.compare_run(cfg.name, params) as parent:
@@ -98,6 +101,8 @@ def compare(cfg: StudyConfig, plan: list[Repeat], budget: Budget, workers: int, 
             print(f"[{count}/{len(todo)}] {repeat.strategy.label} repeat {repeat.index} "
                   f"(seed {repeat.seed}): study {repeat.name}", flush=True)
             _run_repeat(repeat, opened, storage, workers, parent.info, folder, verbose)
+        if retrain:
+            _retrain(plan, opened)
         return _report(cfg, plan, opened, budget, workers, storage, target, command, folder,
                        parent.info.run_id)
 
@@ -119,7 +124,7 @@ def _setup(repeat: Repeat, workers: int) -> dict[str, Any]:
     section, seed included), their budget and their worker count; not the file's texts."""
     search = repeat.config.search
     return {"search": repeat.config.search_section(), "timeout": search.timeout,
-            "epoch_budget": search.epoch_budget, "workers": workers}
+            "epoch_budget": search.epoch_budget, "n_trials": search.n_trials, "workers": workers}
 
 
 def _check_setups(plan: list[Repeat], workers: int,
@@ -233,6 +238,37 @@ def _run_repeat(repeat: Repeat, storage: optuna.storages.BaseStorage, url: str, 
     print(f"  {_line(study)}, {wall:.1f} s (log: {log})", flush=True)
 
 
+def best_params(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
+    """The trial with the highest validation accuracy of any completed epoch (the statistic
+    the curves use, for every tool and whatever became of the trial) and its params."""
+    scored = [(max(a for _, a in t.user_attrs["epoch_log"] if a is not None), -t.number, t)
+              for t in study.get_trials(deepcopy=False)
+              if any(a is not None for _, a in t.user_attrs.get("epoch_log", ()))]
+    if not scored:
+        return None
+    *_, best = max(scored, key=lambda item: item[:2])
+    return best.number, best.params
+
+
+def _retrain(plan: list[Repeat], storage: optuna.storages.BaseStorage) -> None:
+    """Score each repeat's best configuration on the test set, as ``retrain`` trains it (all
+    training images, ``retrain_epochs``, the repeat's seed); kept in the repeat's study
+    (``compare_test_accuracy``), so a rerun does not train it again. Outside every clock."""
+    from mnist_opt.training.retrain import score_on_test
+
+    for repeat in plan:
+        study = optuna.load_study(study_name=repeat.name, storage=storage)
+        found = best_params(study)
+        if "compare_test_accuracy" in study.user_attrs or found is None:
+            continue
+        number, params = found
+        accuracy = score_on_test(repeat.config, params, repeat.seed)
+        study.set_user_attr("compare_test_trial", number)
+        study.set_user_attr("compare_test_accuracy", accuracy)
+        print(f"  {repeat.name}: trial {number} retrained, test accuracy {accuracy:.4f}",
+              flush=True)
+
+
 def _wait(proc: subprocess.Popen) -> int:
     """The process's exit status; on Ctrl-C / SIGTERM, pass it on, wait, and raise."""
     try:
@@ -331,7 +367,8 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
     js = folder / "summary.json"
     js.write_text(json.dumps(_clean({
         "study": cfg.name, "command": command, "machine": machine, "date": date,
-        "budget": {"seconds": budget.seconds, "epochs": budget.epochs}, "workers": workers,
+        "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "trials": budget.trials},
+        "workers": workers,
         "repeats": repeats, "target": target, "target_source": source, "storage": url,
         "mlflow_run_id": run_id, "rows": rows, "verdict": lines, "repeat_studies": details,
         "plots": [p.name for p in plots]}), indent=2) + "\n")

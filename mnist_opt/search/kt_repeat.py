@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import sys
 import tempfile
 import time
@@ -70,12 +71,15 @@ class _Budget:
     def __init__(self, cfg: StudyConfig):
         self.seconds = cfg.search.timeout
         self.epochs = cfg.search.epoch_budget
+        self.trials = cfg.search.n_trials  # compare's trial budget (else a count never reached)
         self.start = time.time()
         self.done = 0  # epochs completed, all trials together
+        self.ended = 0  # trials ended, as keras-tuner counts them
 
     def spent(self) -> bool:
         return ((self.seconds is not None and time.time() - self.start >= self.seconds)
-                or (self.epochs is not None and self.done >= self.epochs))
+                or (self.epochs is not None and self.done >= self.epochs)
+                or self.ended >= self.trials)
 
 
 def _float(value: Any) -> float | None:
@@ -87,9 +91,10 @@ def _float(value: Any) -> float | None:
 
 
 def _tuner(name: str, cfg: StudyConfig, study, hypermodel, budget: _Budget, seed: int,
-           directory: str):
+           directory: str, defaults: bool = False):
     """keras-tuner's tuner ``name`` (``kt-random``), adding each trial to ``study`` as it
-    ends and starting none once ``budget`` is spent."""
+    ends and starting none once ``budget`` is spent; with ``defaults``, keras-tuner's own
+    ``hyperband_iterations`` and ``num_initial_points``."""
     import keras_tuner as kt
     import optuna
 
@@ -105,6 +110,7 @@ def _tuner(name: str, cfg: StudyConfig, study, hypermodel, budget: _Budget, seed
         def on_trial_end(self, trial):
             super().on_trial_end(trial)
             record = hypermodel.end()
+            budget.ended += 1
             log = record["epoch_log"]
             best = max((a for _, a in log if a is not None), default=None)
             ok = trial.status == "COMPLETED" and best is not None
@@ -131,16 +137,20 @@ def _tuner(name: str, cfg: StudyConfig, study, hypermodel, budget: _Budget, seed
     if name == "kt-hyperband":
         # as many Hyperband iterations as the budget allows (None: no limit of its own)
         return Tuner(hypermodel, max_epochs=cfg.training.max_epochs,
-                     factor=cfg.search.reduction_factor, hyperband_iterations=None, **common)
+                     factor=cfg.search.reduction_factor,
+                     **({} if defaults else {"hyperband_iterations": None}), **common)
     extra = ({"num_initial_points": max(1, cfg.search.n_startup_trials)}
-             if name == "kt-bayesian" else {})
+             if name == "kt-bayesian" and not defaults else {})
     return Tuner(hypermodel, max_trials=N_TRIALS, **extra, **common)
 
 
-def _hypermodel(cfg: StudyConfig, n_train: int, budget: _Budget, seed: int):
+def _hypermodel(cfg: StudyConfig, n_train: int, budget: _Budget, seed: int,
+                defaults: bool = False):
     """Our builder and training pipeline as a keras-tuner ``HyperModel``: ``build`` makes a
     fresh compiled model of the trial's params, ``fit`` trains it on our ``tf.data``
-    pipeline with the trial's batch size, recording each epoch as it ends."""
+    pipeline with the trial's batch size, recording each epoch as it ends. With
+    ``defaults``, as keras-tuner's documentation has a user write it: ``model.fit`` on the
+    split's NumPy arrays, one step per compiled call."""
     import keras
     import keras_tuner as kt
 
@@ -184,19 +194,46 @@ def _hypermodel(cfg: StudyConfig, n_train: int, budget: _Budget, seed: int):
             params = self._params(hp)
             # like our objective: a fresh session, seeded per trial
             model = fresh_model(params, seed + self.count)
-            return compile_model(model, params, n_train, STEPS_PER_EXECUTION)
+            return compile_model(model, params, n_train, 1 if defaults else STEPS_PER_EXECUTION)
 
         def fit(self, hp, model, train_xy, val_xy, callbacks=(), **kwargs):
             params = self._params(hp)
             batch = params["batch_size"]
             kwargs.pop("verbose", None)  # search's, passed on by keras-tuner: ours is 0
             log = self.current["epoch_log"] if self.current is not None else []
+            if defaults:
+                return model.fit(*train_xy, batch_size=batch, validation_data=val_xy,
+                                 callbacks=[*callbacks, Recorder(log)], verbose=0, **kwargs)
             return model.fit(
                 make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed + self.count),
                 validation_data=make_dataset(*val_xy, batch_size=max(batch, 512)),
                 callbacks=[*callbacks, Recorder(log)], verbose=0, shuffle=False, **kwargs)
 
     return HyperModel()
+
+
+def _log_curve(study) -> None:
+    """Every epoch's validation accuracy in the order the epochs ended (step: epochs trained,
+    all trials together), and the repeat's totals, on the active MLflow run (one batch)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    trials = study.get_trials(deepcopy=False)
+    epochs = sorted(e for t in trials for e in t.user_attrs.get("epoch_log", ()))
+    metrics, best, now = [], None, int(time.time() * 1000)
+    for step, (when, accuracy) in enumerate(epochs, 1):
+        if accuracy is None:
+            continue
+        best = accuracy if best is None else max(best, accuracy)
+        metrics += [Metric("val_accuracy", accuracy, int(when * 1000), step),
+                    Metric("best_val_accuracy_so_far", best, int(when * 1000), step)]
+    metrics += [Metric("trials", len(trials), now, 0), Metric("epochs", len(epochs), now, 0)]
+    if best is not None:
+        metrics.append(Metric("best_val_accuracy", best, now, 0))
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):  # the store's limit per batch
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage", required=True, help="the storage of the repeat's study")
     parser.add_argument("--tuner", required=True, choices=["kt-hyperband", "kt-bayesian",
                                                            "kt-random"])
+    parser.add_argument("--defaults", action="store_true",
+                        help="keras-tuner as its documentation starts a user: model.fit on "
+                             "NumPy arrays, its own hyperband_iterations / num_initial_points")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -214,7 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_tensorflow()  # quietly, before Keras and keras-tuner import it
     import optuna
 
+    import mlflow
+
     from mnist_opt.study.config import load_config
+    from mnist_opt.tracking import runs as tracking
     from mnist_opt.tracking.storage import make_storage
     from mnist_opt.training.loop import study_split
 
@@ -224,11 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = study_split(cfg)
     seed = cfg.search.seed
     budget = _Budget(cfg)  # the search's clock, as our runner's timeout counts it
-    hypermodel = _hypermodel(cfg, len(split.y_train), budget, seed)
-    with tempfile.TemporaryDirectory(prefix="mnist_opt_kt_") as directory:
-        tuner = _tuner(args.tuner, cfg, study, hypermodel, budget, seed, directory)
-        tuner.search((split.x_train, split.y_train), (split.x_val, split.y_val),
-                     epochs=cfg.training.max_epochs, verbose=1 if args.verbose else 0)
+    hypermodel = _hypermodel(cfg, len(split.y_train), budget, seed, args.defaults)
+    tracking.configure()
+    extra = {"tool": f"keras-tuner {importlib.metadata.version('keras-tuner')}",
+             "tuner": args.tuner, "kt_defaults": args.defaults}
+    # the repeat's own MLflow run, nested under the compare run as our repeats' are; the
+    # trials are in the Optuna study, the curve is logged here as it was recorded
+    with tracking.study_run(cfg, args.storage, extra):
+        mlflow.set_tag("mnist_opt.tool", "keras-tuner")
+        with tempfile.TemporaryDirectory(prefix="mnist_opt_kt_") as directory:
+            tuner = _tuner(args.tuner, cfg, study, hypermodel, budget, seed, directory,
+                           args.defaults)
+            tuner.search((split.x_train, split.y_train), (split.x_val, split.y_val),
+                         epochs=cfg.training.max_epochs, verbose=1 if args.verbose else 0)
+        _log_curve(study)
     print(f"{args.tuner}: {hypermodel.count} trials, {budget.done} epochs, "
           f"{time.time() - budget.start:.1f} s", flush=True)
     return 0

@@ -36,8 +36,11 @@ PRUNERS = tuple(typing.get_args(SearchConfig.model_fields["pruner"].annotation))
 # keras-tuner's tuners, as ``compare`` names them, and the class each is in keras_tuner.
 KT_TUNERS = {"kt-hyperband": "Hyperband", "kt-bayesian": "BayesianOptimization",
              "kt-random": "RandomSearch"}
-# No trial count stops a repeat: its budget does (search.n_trials is the study's target).
+# Without a trial budget no trial count stops a repeat: its budget does.
 N_TRIALS = 100_000
+# keras-tuner as its documentation starts a user (`compare`'s "out of the box" mode):
+# ``kt-hyperband-defaults`` etc.
+DEFAULTS = "-defaults"
 
 
 class StrategyError(MnistOptError):
@@ -47,27 +50,36 @@ class StrategyError(MnistOptError):
 @dataclass(frozen=True)
 class Budget:
     """What every repeat gets: wall seconds (``search.timeout``: no new trial after it, counted
-    from the start of the search in the repeat's process) or epochs (``search.epoch_budget``:
-    no new trial once all trials together completed that many)."""
+    from the start of the search in the repeat's process), epochs (``search.epoch_budget``:
+    no new trial once all trials together completed that many) or trials (``search.n_trials``:
+    no new trial once that many ended, as each tool counts its trials)."""
     seconds: int | None = None
     epochs: int | None = None
+    trials: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.seconds is None) == (self.epochs is None):
-            raise StrategyError("give one budget: --budget-seconds S or --budget-epochs E")
-        value = self.seconds if self.seconds is not None else self.epochs
+        given = {flag: value for flag, value in (("--budget-seconds", self.seconds),
+                                                 ("--budget-epochs", self.epochs),
+                                                 ("--budget-trials", self.trials))
+                 if value is not None}
+        if len(given) != 1:
+            raise StrategyError("give one budget: --budget-seconds S, --budget-epochs E or "
+                                "--budget-trials N")
+        (flag, value), = given.items()
         if value < 1:
-            flag = "--budget-seconds" if self.seconds is not None else "--budget-epochs"
             raise StrategyError(f"{flag} must be a positive integer, got {value}")
 
     def __str__(self) -> str:
         if self.seconds is not None:
             return f"{self.seconds} s per repeat (no new trial after it)"
-        return f"{self.epochs} epochs per repeat (no new trial once its trials completed them)"
+        if self.epochs is not None:
+            return f"{self.epochs} epochs per repeat (no new trial once its trials completed them)"
+        return f"{self.trials} trials per repeat"
 
     def search(self) -> dict[str, int | None]:
-        """The study file's ``search`` keys that set it."""
-        return {"timeout": self.seconds, "epoch_budget": self.epochs}
+        """The study file's ``search`` keys that set it (no trial count: the budget stops)."""
+        return {"timeout": self.seconds, "epoch_budget": self.epochs,
+                "n_trials": self.trials or N_TRIALS}
 
 
 class Strategy(Protocol):
@@ -103,8 +115,7 @@ class OptunaStrategy:
     def document(self, base: dict[str, Any], seed: int, budget: Budget) -> dict[str, Any]:
         doc = copy.deepcopy(base)
         search = doc.setdefault("search", {})
-        search.update(sampler=self.sampler, pruner=self.pruner, seed=seed, n_trials=N_TRIALS,
-                      **budget.search())
+        search.update(sampler=self.sampler, pruner=self.pruner, seed=seed, **budget.search())
         return doc
 
     def check(self, document: dict[str, Any], path: Path) -> StudyConfig:
@@ -124,17 +135,22 @@ class KerasTunerStrategy:
     keras-tuner has no local parallel mode, so it runs in one process: ``compare`` refuses it
     with ``--workers`` > 1 rather than comparing one process against several
     (:func:`check_workers`).
+
+    ``defaults``: keras-tuner as its documentation starts a user instead (the bench's "out of
+    the box" mode): ``model.fit`` on NumPy arrays, one step per compiled call, the tuner's own
+    ``hyperband_iterations`` (1) and ``num_initial_points`` (3 per dimension).
     """
     name: str  # "kt-hyperband"
+    defaults: bool = False
     max_workers = 1
 
     @property
     def label(self) -> str:
-        return self.name
+        return self.name + DEFAULTS * self.defaults
 
     @property
     def slug(self) -> str:
-        return self.name
+        return self.label
 
     @property
     def tuner(self) -> str:
@@ -146,7 +162,7 @@ class KerasTunerStrategy:
         are left as the study file has them: keras-tuner's tuner is chosen by the command;
         ``n_startup_trials`` is the Bayesian tuner's ``num_initial_points``."""
         doc = copy.deepcopy(base)
-        doc.setdefault("search", {}).update(seed=seed, n_trials=N_TRIALS, **budget.search())
+        doc.setdefault("search", {}).update(seed=seed, **budget.search())
         return doc
 
     def check(self, document: dict[str, Any], path: Path) -> StudyConfig:
@@ -160,7 +176,8 @@ class KerasTunerStrategy:
     def command(self, study_file: Path, storage: str, workers: int,
                 verbose: bool) -> list[str]:
         return [sys.executable, "-m", "mnist_opt.search.kt_repeat", str(study_file),
-                "--storage", storage, "--tuner", self.name, *(["-v"] if verbose else [])]
+                "--storage", storage, "--tuner", self.name,
+                *(["--defaults"] if self.defaults else []), *(["-v"] if verbose else [])]
 
 
 def keras_tuner_installed() -> bool:
@@ -174,8 +191,9 @@ def parse_strategies(texts: list[str]) -> list[Strategy]:
     unknown, twice, out = [], [], []
     for text in texts:
         name = text.strip().lower()
-        if name in KT_TUNERS:
-            strategy: Strategy = KerasTunerStrategy(name)
+        if name.removesuffix(DEFAULTS) in KT_TUNERS:
+            strategy: Strategy = KerasTunerStrategy(name.removesuffix(DEFAULTS),
+                                                    name.endswith(DEFAULTS))
         else:
             sampler, plus, pruner = name.partition("+")
             if not plus or sampler not in SAMPLERS or pruner not in PRUNERS:
@@ -194,7 +212,7 @@ def parse_strategies(texts: list[str]) -> list[Strategy]:
             f"unknown strateg{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}: a "
             f"strategy is SAMPLER+PRUNER with SAMPLER one of {', '.join(SAMPLERS)} and PRUNER "
             f"one of {', '.join(PRUNERS)} (e.g. tpe+hyperband random+none), or one of "
-            f"keras-tuner's {', '.join(KT_TUNERS)}")
+            f"keras-tuner's {', '.join(KT_TUNERS)} (add {DEFAULTS} for its defaults)")
     if twice:
         raise StrategyError(f"--strategies names {', '.join(twice)} twice: name each once")
     if not out:

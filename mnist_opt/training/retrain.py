@@ -50,6 +50,24 @@ def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
                            f"with `mnist-opt study {cfg.name}`") from None
 
 
+def _training_images(cfg: StudyConfig, ds: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """What a retrain trains on: all training images (train + validation), or the study's
+    ``train_subset`` of them."""
+    x, y = data.stratified_subset(ds.x_train, ds.y_train, cfg.data.train_subset, cfg.data.seed)
+    return data.to_float(x), y.astype("int64")
+
+
+def score_on_test(cfg: StudyConfig, trial_params: dict, seed: int) -> float:
+    """``retrain``'s recipe for one configuration, logging nothing: the searched ``params``
+    of a trial (any tool's) trained on all training images for ``retrain_epochs``, with
+    ``seed``, then the test set's accuracy (``compare --retrain``)."""
+    params = suggest_params(optuna.trial.FixedTrial(trial_params), cfg)
+    ds = data.load(cfg.dataset)
+    _, scores = _train_and_test(params, _training_images(cfg, ds), ds, cfg.retrain_epochs, seed,
+                                "retrain", verbose=False)
+    return scores["accuracy"]
+
+
 def _train_and_test(params: dict, train_xy: tuple[np.ndarray, np.ndarray], ds: data.Dataset,
                     epochs: int, seed: int, label: str, verbose: bool):
     """One seeded training on all training images, then the test set."""
@@ -73,8 +91,8 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
     val_accuracy = float(best.user_attrs.get("val_accuracy", best.values[0]))
     params = suggest_params(optuna.trial.FixedTrial(best.params), cfg)
     ds = data.load(cfg.dataset)
-    x, y = data.stratified_subset(ds.x_train, ds.y_train, cfg.data.train_subset, cfg.data.seed)
-    train_xy = (data.to_float(x), y.astype("int64"))
+    train_xy = _training_images(cfg, ds)
+    y = train_xy[1]
     exp = tracking.open_experiment(cfg.name)
     tags = {"mnist_opt.kind": "retrain", "source_trial": str(best.number),
             "source_run_id": best.user_attrs.get("mlflow_run_id", ""),

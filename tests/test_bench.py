@@ -1,0 +1,89 @@
+"""``bench/bench.py``'s own arithmetic: per-repeat figures with "not reached", the ratios,
+"final val" from a hand-built study, and that the README block is replaced from the JSON."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # light: TensorFlow is imported inside its functions
+    return module
+
+
+def test_not_reached_ranks_last_in_medians_and_ratios(bench):
+    assert bench._spread([10.0, 30.0, 20.0]) == {"values": [10.0, 30.0, 20.0], "median": 20.0,
+                                                 "min": 10.0, "max": 30.0}
+    one_missing = bench._spread([10.0, None, 20.0])
+    assert (one_missing["median"], one_missing["min"], one_missing["max"]) == (20.0, 10.0, None)
+    assert bench._spread([None, None, 5.0])["median"] is None  # the middle one not reached
+    assert bench._ratio(10.0, 40.0) == 0.25
+    assert bench._ratio(10.0, None) == 0.0     # only theirs not reached: ours is faster
+    assert bench._ratio(None, 40.0) is None    # ours not reached
+    assert "not reached" in bench._cell(one_missing, 0)
+
+
+def test_final_val_is_the_last_epoch_of_trials_trained_to_the_full_budget(bench):
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for log, attrs in (([[1, 0.5], [2, 0.9], [3, 0.7]], {}),          # 3 epochs: last 0.7
+                       ([[1, 0.95]], {}),                            # pruned after 1 epoch
+                       ([[4, 0.6], [5, 0.8]], {"kt_hyperband": {"epochs": 3,
+                                                                "initial_epoch": 1}}),
+                       ([[6, 0.99], [7, 0.98]], {"kt_hyperband": {"epochs": 2}})):
+        study.add_trial(optuna.trial.create_trial(
+            value=max(a for _, a in log), params={"x": 0.1}, distributions=dist,
+            user_attrs={"epoch_log": log, **attrs}))
+    assert bench.final_val(study, max_epochs=3) == 0.8
+    assert bench.final_val(study, max_epochs=5) is None
+
+
+def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
+    side = {"time_to_target": bench._spread([10.0, 12.0, 14.0]),
+            "wall_s": bench._spread([100.0, 110.0, 120.0]),
+            "best_val": bench._spread([0.96, 0.97, 0.98]),
+            "final_val": bench._spread([0.95, 0.96, None]),
+            "test_acc": bench._spread([0.95, 0.955, 0.96]),
+            "epochs": bench._spread([100, 120, 140]), "trials": bench._spread([30, 30, 30])}
+    theirs = {**side, "time_to_target": bench._spread([20.0, 24.0, None])}
+    out = {"command": "make bench", "started": "s", "finished": "f", "machine": "m",
+           "workloads": {"classic": {
+               "title": "classic", "trials": 30, "max_epochs": 10, "target": 0.95,
+               "target_source": "--target", "command": "mnist-opt compare …",
+               "summary": "bench/results/classic", "repeats": 3, "verdict": ["too few repeats"],
+               "strategies": {"tpe+hyperband": side, "kt-hyperband": theirs},
+               "modes": {"like_for_like": {
+                   "ours": "tpe+hyperband", "keras_tuner": "kt-hyperband",
+                   "time_to_target_ratio": 0.5,
+                   "time_to_target_ratio_paired": bench._spread([0.5, 0.5, 0.0]),
+                   "wall_ratio": 1.1, "wall_ratio_paired": bench._spread([1.0, 1.1, 1.2])}}}},
+           "overhead": {"ours_epoch_s": 0.5, "bare_epoch_s": 0.8, "ratio": 0.625, "epochs": 6},
+           "memory": {
+               "one_process": {"trials": 3, "processes": 1,
+                               "rss_after_each_trial_mb": [1000.0, 1100.0, 1200.0],
+                               "per_process": [{"trials": 3, "first_mb": 1000.0,
+                                                "max_mb": 1200.0, "growth_mb": 200.0}]},
+               "workers": {"trials": 3, "processes": 2, "rss_after_each_trial_mb": [1, 2, 3],
+                           "per_process": [{"trials": 2, "first_mb": 1, "max_mb": 2,
+                                            "growth_mb": 1}, {"trials": 1, "first_mb": 3,
+                                                              "max_mb": 3, "growth_mb": 0}]}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.README_START}\nold\n{bench.README_END}\nafter\n")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    assert bench.render(out, readme=True, folder=tmp_path) == 0
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "**0.50** (0.50 (0.00–0.50))" in text and "| like for like |" in text
+    assert "12 (10–14) vs 24 (20–not reached)" in text   # ours vs theirs, seconds to target
+    assert "+200 MB" in text and "2 processes over the run" in text
+    assert "- classic: too few repeats" in (tmp_path / "latest.md").read_text()
+    assert not math.isnan(out["overhead"]["ratio"])
