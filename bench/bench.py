@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -395,16 +394,15 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
     (folder / "latest.md").write_text(md)
     print(md)
     if readme:
-        path = ROOT / "README.md"
-        text = path.read_text()
-        block = "\n".join([README_START, "", table, "", *[f"{n}\n" for n in notes],
-                           README_END])
-        new, count = re.subn(re.escape(README_START) + ".*?" + re.escape(README_END),
-                             lambda _: block, text, flags=re.S)
-        if count != 1:
-            print(f"README.md has no {README_START} … {README_END} block", file=sys.stderr)
+        from mnist_opt.errors import MnistOptError
+        from mnist_opt.textblocks import replace_between
+
+        try:
+            replace_between(ROOT / "README.md", README_START, README_END,
+                            "\n".join(["", table, "", *[f"{n}\n" for n in notes]]))
+        except MnistOptError as exc:
+            print(exc, file=sys.stderr)
             return 1
-        path.write_text(new)
         print("updated README.md")
     return 0
 

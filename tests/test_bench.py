@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -87,3 +88,44 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
     assert "+200 MB" in text and "2 processes over the run" in text
     assert "- classic: too few repeats" in (tmp_path / "latest.md").read_text()
     assert not math.isnan(out["overhead"]["ratio"])
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monkeypatch):
+    from mnist_opt.reporting.time_to_target import repeat_from_epochs, summary
+    from mnist_opt.reporting.time_to_target import Epoch
+
+    strategies = _load("strategies")
+    cmd = strategies.command("mlp_tpe")
+    assert cmd[:3] == ["mnist-opt", "compare", "mlp_tpe"] and "--target" in cmd
+    assert cmd[cmd.index("--out") + 1] == "bench/results/compare/mlp_tpe"
+    results = [repeat_from_epochs(s, r, [Epoch(100.0 + 10 * k, acc, 0) for k, acc in
+                                         enumerate(accs)], 100.0)
+               for s, r, accs in (("tpe+hyperband", 0, [0.5, 0.9]),
+                                  ("random+none", 0, [0.7, 0.8]))]
+    rows = summary(results, 0.85)
+    folder = tmp_path / "bench" / "results" / "compare" / "mlp_tpe"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "study": "mlp_tpe", "budget": {"seconds": 300, "epochs": None}, "workers": 2,
+        "repeats": 1, "target": 0.85, "target_source": "--target", "date": "D",
+        "machine": "M", "command": "mnist-opt compare mlp_tpe …", "rows": rows,
+        "verdict": ["tpe+hyperband vs random+none: too few repeats"]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{strategies.README_START}\n{strategies.README_END}\nb\n")
+    monkeypatch.setattr(strategies, "ROOT", tmp_path)
+    monkeypatch.setattr(strategies, "RESULTS", tmp_path / "bench" / "results" / "compare")
+    assert strategies.render() == 0
+    text = readme.read_text()
+    assert "**mlp_tpe**: 2 strategies × 1 repeats, 300 s of search each" in text
+    assert "target validation accuracy 0.8500 (fixed before the run)" in text
+    assert "| tpe+hyperband | 1 | 0.9000" in text and "| random+none | 1 | 0.8000" in text
+    assert "| 10.0 s |" in text  # tpe+hyperband reached 0.85 at its second epoch
+    assert "- tpe+hyperband vs random+none: too few repeats" in text
+    assert "group=False" in text and text.startswith("a\n") and text.endswith("b\n")

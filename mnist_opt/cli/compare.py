@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=float, metavar="ACC",
                         help="the validation accuracy to reach (default: the lowest median final "
                              "best of the strategies)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="where the report, curves, study files and logs go (default "
+                             "reports/compare/NAME; the target of the previous run is read "
+                             "from there)")
     parser.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, "
                                           "else sqlite:///studies/optuna.db)")
     parser.add_argument("--max-epochs", type=int, help="epochs per trial (study file otherwise)")
@@ -56,7 +60,7 @@ def _command(args: argparse.Namespace) -> str:
         if getattr(args, flag) is not None:
             words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     words += ["--workers", str(args.workers), *(["--retrain"] if args.retrain else [])]
-    for flag in ("target", "max_epochs", "train_subset", "storage"):
+    for flag in ("target", "max_epochs", "train_subset", "out", "storage"):
         if getattr(args, flag) is not None:
             words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return shlex.join(words)
@@ -74,7 +78,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_workers(strategies, args.workers)
     budget = Budget(seconds=args.budget_seconds, epochs=args.budget_epochs,
                     trials=args.budget_trials)
-    folder = Path("reports") / "compare" / cfg.name
+    folder = args.out or Path("reports") / "compare" / cfg.name
     repeats = plan(cfg, strategies, args.repeats, budget, folder, args.max_epochs,
                    args.train_subset)
     from mnist_opt.quiet import import_tensorflow

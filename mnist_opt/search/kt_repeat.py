@@ -17,7 +17,12 @@ trial, as it ends, is added to the repeat's Optuna study (created by ``compare``
 finished trial: its hyperparameters with the distributions of the study's space, its best
 validation accuracy as the value (keras-tuner's score), and ``epoch_log``/``epochs`` user
 attrs, so that :mod:`mnist_opt.reporting.time_to_target` treats both tools alike and a killed
-process keeps the trials it finished.
+process keeps the trials it finished. The repeat has its own MLflow run, as ours do (nested
+under the compare run, the curve logged when the search ends).
+
+``--defaults`` runs keras-tuner as its documentation starts a user instead: ``model.fit`` on
+the NumPy arrays with one step per compiled call, and the tuner's own
+``hyperband_iterations`` and ``num_initial_points``.
 
 Light at the top: TensorFlow, keras-tuner and Optuna are imported inside :func:`main`.
 """

@@ -1,0 +1,117 @@
+"""Which search strategy should the shipped studies use? ``mnist-opt compare`` on their spaces.
+
+    python bench/strategies.py                 # run or continue every comparison, then render
+    python bench/strategies.py --only mlp_tpe  # one of them (resumable: rerun to continue)
+    python bench/strategies.py --render        # only the README section, from the summaries
+
+Each comparison is one ``mnist-opt compare`` command (printed, and recorded in its summary)
+writing to ``bench/results/compare/NAME/`` (committed: ``summary.md``/``.json``, curves, the
+repeats' study files and logs). The target is fixed here, before any repeat runs, so no
+part of a comparison run in several sittings chooses it after looking at the data. Stop it
+at any time (Ctrl-C): the rerun keeps the finished repeats and redoes the interrupted one.
+The README's section between the strategies markers is generated from the summaries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "compare"
+README_START, README_END = "<!-- strategies:start -->", "<!-- strategies:end -->"
+
+# The targets are round numbers just under what each study's own 30-trial search reached
+# (README results table: mlp_tpe best val 0.9823, fashion_mlp_tpe 0.9017), fixed before
+# these runs.
+COMPARISONS = {
+    "mlp_tpe": {"strategies": ["tpe+hyperband", "gp+hyperband", "random+hyperband", "tpe+none",
+                               "random+none", "qmc+median"],
+                "repeats": 5, "budget_seconds": 300, "workers": 2, "target": 0.98},
+    "fashion_mlp_tpe": {"strategies": ["tpe+hyperband", "gp+hyperband", "random+none"],
+                        "repeats": 5, "budget_seconds": 300, "workers": 2, "target": 0.895},
+}
+# What the comparison's TPE is: Optuna's TPESampler as the study builds it
+TPE_NOTE = ("TPE is Optuna's `TPESampler` with its defaults (`multivariate=False`, "
+            "`group=False`; `n_startup_trials` from the study file): every parameter, the "
+            "per-layer ones included, is sampled from its own independent density, not "
+            "grouped by the depth that makes it exist.")
+
+
+def command(name: str) -> list[str]:
+    """The ``mnist-opt compare`` command of one comparison."""
+    c = COMPARISONS[name]
+    return ["mnist-opt", "compare", name, "--strategies", *c["strategies"],
+            "--repeats", str(c["repeats"]), "--budget-seconds", str(c["budget_seconds"]),
+            "--workers", str(c["workers"]), "--target", str(c["target"]),
+            "--out", str((RESULTS / name).relative_to(ROOT))]
+
+
+def run(name: str) -> int:
+    argv = command(name)
+    print("$", " ".join(argv), flush=True)
+    return subprocess.run([sys.executable, "-m", "mnist_opt", *argv[1:]], cwd=ROOT).returncode
+
+
+def section(summaries: list[dict]) -> str:
+    """The README's strategies section: per comparison, its setup, table and verdict."""
+    from mnist_opt.reporting.time_to_target import markdown_table
+
+    parts = []
+    for s in summaries:
+        budget = s["budget"]
+        spent = (f"{budget['seconds']} s" if budget.get("seconds") else
+                 f"{budget['epochs']} epochs" if budget.get("epochs") else
+                 f"{budget.get('trials')} trials")
+        parts += [f"**{s['study']}**: {len(s['rows'])} strategies × {s['repeats']} repeats, "
+                  f"{spent} of search each, {s['workers']} worker processes per repeat, target "
+                  f"validation accuracy {s['target']:.4f} ("
+                  f"{'fixed before the run' if s['target_source'] == '--target' else s['target_source']}); "
+                  f"{s['date']}, {s['machine']}; `{s['command']}`; details in "
+                  f"[`{s['folder']}/summary.md`]({s['folder']}/summary.md).", "",
+                  markdown_table(s["rows"]).rstrip("\n"), "",
+                  *[f"- {line}" for line in s["verdict"]], ""]
+    return "\n".join(["", TPE_NOTE, "", *parts])
+
+
+def render() -> int:
+    from mnist_opt.errors import MnistOptError
+    from mnist_opt.textblocks import replace_between
+
+    summaries = []
+    for name in COMPARISONS:
+        path = RESULTS / name / "summary.json"
+        if path.exists():
+            summary = json.loads(path.read_text())
+            summary["folder"] = str(path.parent.relative_to(ROOT))
+            summaries.append(summary)
+        else:
+            print(f"{path}: not run yet (python bench/strategies.py --only {name})")
+    if not summaries:
+        return 0
+    try:
+        replace_between(ROOT / "README.md", README_START, README_END, section(summaries))
+    except MnistOptError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"updated README.md from {len(summaries)} comparison(s)")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(COMPARISONS))
+    parser.add_argument("--render", action="store_true", help="only rewrite the README section")
+    args = parser.parse_args()
+    if not args.render:
+        for name in args.only or COMPARISONS:
+            code = run(name)
+            if code != 0:
+                return code
+    return render()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
