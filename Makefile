@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NAME ?= mlp_tpe
 ARGS ?=
-WORKERS ?= 1
+WORKERS ?= auto
 SEEDS ?= 1
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
@@ -44,7 +44,7 @@ browser:  ## install Debian's chromium + chromium-driver for the browser test (t
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; }
 
-study: install  ## run or continue a study: make study NAME=mlp_tpe [WORKERS=2] [ARGS="--n-trials 5"]
+study: install  ## run or continue a study: make study NAME=mlp_tpe [WORKERS=auto|N] [ARGS="--n-trials 5"]
 	$(BIN)/mnist-opt study $(NAME) --workers $(WORKERS) $(ARGS)
 
 retrain: install  ## retrain the best trial, test it, register it: make retrain NAME=mlp_tpe SEEDS=3
@@ -63,7 +63,7 @@ predict: install  ## classify images: make predict IMAGES="a.png b.jpg" [MODEL=m
 	$(BIN)/mnist-opt predict --model $(or $(MODEL),models:/$(NAME)/latest) $(IMAGES)
 
 compare: install  ## compare strategies by time to target: make compare NAME=mlp_tpe ARGS="--strategies tpe+hyperband random+none --budget-seconds 300" [WORKERS=2]
-	$(BIN)/mnist-opt compare $(NAME) --workers $(WORKERS) $(ARGS)
+	$(BIN)/mnist-opt compare $(NAME) $(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) $(ARGS)
 
 list: install  ## list the studies in studies/
 	$(BIN)/mnist-opt list

@@ -74,7 +74,8 @@ def test_an_exception_in_a_trial_is_recorded_and_the_study_goes_on(stores, tmp_p
 
 def _start(path: Path, cwd: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "MNIST_OPT_HEARTBEAT": "2", "MNIST_OPT_GRACE": "4"}
-    return subprocess.Popen([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", *extra],
+    return subprocess.Popen([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", "-w", "1",
+                             *extra],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

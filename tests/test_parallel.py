@@ -91,7 +91,7 @@ def test_two_shells_on_a_fresh_sqlite_file(tmp_path):
     path = _study_file(tmp_path, "two_shells", n_trials=6)
     env = {"OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    procs = [_study(path, tmp_path, env, "-q") for _ in range(2)]
+    procs = [_study(path, tmp_path, env, "-q", "-w", "1") for _ in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for proc, out in zip(procs, outs):
         assert proc.returncode == 0, out[-4000:]

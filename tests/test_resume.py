@@ -178,7 +178,9 @@ def test_a_heartbeat_stale_trial_is_marked_stale(tmp_path, monkeypatch):
 # --- real studies ------------------------------------------------------------------------
 
 def _run(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None):
-    return subprocess.run([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", *extra],
+    # one process: these tests are about what one process leaves behind (-w overrides it)
+    return subprocess.run([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", "-w", "1",
+                           *extra],
                           cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=600)
 
@@ -256,7 +258,8 @@ def test_kill_9_then_resume_at_once_fails_the_killed_trial(stores, tmp_path):
     path = _resume_study_file(tmp_path)
     # a grace period longer than the test: only the dead-owner check can fail the trial
     env = {**os.environ, "MNIST_OPT_HEARTBEAT": "10", "MNIST_OPT_GRACE": "600"}
-    command = [sys.executable, "-m", "mnist_opt", "study", str(path), "-q", "--n-trials", "3",
+    command = [sys.executable, "-m", "mnist_opt", "study", str(path), "-q", "-w", "1",
+               "--n-trials", "3",
                "--train-subset", "1000", "--max-epochs", "3"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -33,7 +33,7 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     for flag in ("n_trials", "timeout", "max_epochs", "train_subset", "workers"):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             raise StudyFileError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     cfg = with_overrides(find_study(args.name), args.n_trials, args.timeout, args.max_epochs,
                          args.train_subset)
@@ -103,9 +103,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int | str:
+    """``--workers``: a positive integer, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number of worker processes nor 'auto'") from None
+
+
+def _worker_count(requested: int | str) -> tuple[int, str]:
+    """The workers to start and how the start line says it."""
+    if requested != "auto":
+        return int(requested), f"{requested} (--workers)"
+    from mnist_opt.search.cores import auto_workers
+
+    cores = auto_workers()
+    return cores.workers, cores.describe()
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """Run (or continue) a study until it has n_trials finished trials, each tracked in MLflow."""
     cfg = _config(args)
+    workers, how = _worker_count(args.workers)
     import optuna
 
     from mnist_opt.search import runner
@@ -126,26 +148,28 @@ def cmd_study(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
           f"pruner {cfg.search.pruner}, target {cfg.search.n_trials} trials × "
-          f"≤{cfg.training.max_epochs} epochs, storage {storage}", flush=True)
+          f"≤{cfg.training.max_epochs} epochs, storage {storage}; workers {how}", flush=True)
     interrupted, failure = False, None
     try:
         study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet,
-                                 workers=args.workers, mix=args.mix_versions, argument=args.name)
+                                 workers=workers, mix=args.mix_versions, argument=args.name)
     except KeyboardInterrupt:
         interrupted = True
         study = optuna.load_study(study_name=cfg.name, storage=storage)
     except StudyFailedError as exc:  # the study file was valid: 1, not 2
         failure = exc
         study = optuna.load_study(study_name=cfg.name, storage=storage)
-    _print_summary(cfg, summary(study, cfg.search.pick_tolerance), interrupted, storage, failure)
+    _print_summary(cfg, summary(study, cfg.search.pick_tolerance), interrupted, storage, failure,
+                   workers)
     return 130 if interrupted else 1 if failure else 0
 
 
 def _print_summary(cfg, result: dict, interrupted: bool, storage: str,
-                   failure: StudyFailedError | None = None) -> None:
+                   failure: StudyFailedError | None = None, workers: int = 1) -> None:
     head = "interrupted; " if interrupted else "stopped; " if failure else ""
     print(f"\n{head}study {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
-          f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished)")
+          f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished); "
+          f"this run: {workers} worker process{'es' * (workers != 1)}")
     second = cfg.search.second_objective
     if "pareto" in result:
         from mnist_opt.study.objectives import rule
@@ -336,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=1, metavar="K",
                            help="train K times with different seeds; report mean ± std")
         if name == "study":
-            p.add_argument("-w", "--workers", type=int, default=1,
-                           help="parallel worker processes sharing the study (default 1)")
+            p.add_argument("-w", "--workers", type=_workers, default="auto", metavar="N|auto",
+                           help="parallel worker processes sharing the study (default auto: "
+                                "one per usable core, as far as memory allows)")
             p.add_argument("--mix-versions", action="store_true",
                            help="continue a study whose file changed, mixing trials of both "
                                 "versions (recorded on the study and its MLflow run)")

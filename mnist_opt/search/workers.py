@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from mnist_opt import interrupt
+from mnist_opt.search.cores import usable_cpus
 
 if TYPE_CHECKING:
     from mnist_opt.search.progress import StudyProgress
@@ -39,7 +40,7 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
     trials keep failing; the workers stop themselves). Ctrl-C / SIGTERM is passed on and
     waited for.
     """
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cpus() // workers)
     deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
     shares = quotas(remaining, workers)
     procs: list[subprocess.Popen | None] = [None] * workers
