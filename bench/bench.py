@@ -13,8 +13,8 @@ repeat's best configuration retrained and scored on the test set. Two modes are 
   (Hyperband vs our Hyperband pruner; Bayesian vs TPE without pruning);
 * **out of the box**: each tool as its documentation starts a user: keras-tuner's defaults
   (``model.fit`` on NumPy arrays, one step per call, its own ``num_initial_points`` and
-  ``hyperband_iterations``) vs ``make study``'s defaults (the study file's sampler and pruner,
-  one worker).
+  ``hyperband_iterations``) vs the study file's own sampler and pruner, in one worker process
+  (every repeat of a ``compare`` has the same worker count, and keras-tuner runs in one).
 
 The headline is the **time-to-target ratio**, ours / keras-tuner's, of the median seconds from
 the tool's process start until the best-so-far validation accuracy reaches the compare's
