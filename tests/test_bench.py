@@ -123,7 +123,8 @@ def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monke
     monkeypatch.setattr(strategies, "RESULTS", tmp_path / "bench" / "results" / "compare")
     assert strategies.render() == 0
     text = readme.read_text()
-    assert "**mlp_tpe**: 2 strategies × 1 repeats, 300 s of search each" in text
+    assert ("**mlp_tpe**: 2 strategies (a part: 2 of the 6 planned; the others not run yet) × 1 "
+            "repeats, 300 s of search each") in text
     assert "target validation accuracy 0.8500 (fixed before the run)" in text
     assert "| tpe+hyperband | 1 | 0.9000" in text and "| random+none | 1 | 0.8000" in text
     assert "| 10.0 s |" in text  # tpe+hyperband reached 0.85 at its second epoch
