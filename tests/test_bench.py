@@ -28,9 +28,19 @@ def test_not_reached_ranks_last_in_medians_and_ratios(bench):
     assert (one_missing["median"], one_missing["min"], one_missing["max"]) == (20.0, 10.0, None)
     assert bench._spread([None, None, 5.0])["median"] is None  # the middle one not reached
     assert bench._ratio(10.0, 40.0) == 0.25
-    assert bench._ratio(10.0, None) == 0.0     # only theirs not reached: ours is faster
-    assert bench._ratio(None, 40.0) is None    # ours not reached
+    assert bench._ratio(10.0, None) is None and bench._ratio(None, 40.0) is None
     assert "not reached" in bench._cell(one_missing, 0)
+    # the ratio of medians, its range over every pair that both reached, and who reached
+    ours = {"time_to_target": bench._spread([10.0, 20.0, 30.0])}
+    theirs = {"time_to_target": bench._spread([40.0, None, 50.0])}
+    got = bench.ratio_figures(ours, theirs)
+    assert got["ratio"] == 20.0 / 50.0
+    assert (got["pairs_min"], got["pairs_max"]) == (10.0 / 50.0, 30.0 / 40.0)
+    assert got["reached"] == [3, 3] and got["reached_theirs"] == [2, 3]
+    assert bench._headline(got) == "**0.40** (0.20–0.75 over all pairs)"
+    none = bench.ratio_figures(ours, {"time_to_target": bench._spread([None, None, 5.0])})
+    assert none["ratio"] is None
+    assert bench._headline(none) == "– (keras-tuner's median not reached)"
 
 
 def test_final_val_is_the_last_epoch_of_trials_trained_to_the_full_budget(bench):
@@ -59,14 +69,12 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
     out = {"command": "make bench", "started": "s", "finished": "f", "machine": "m",
            "workloads": {"classic": {
                "title": "classic", "trials": 30, "max_epochs": 10, "target": 0.95,
-               "target_source": "--target", "command": "mnist-opt compare …",
-               "summary": "bench/results/classic", "repeats": 3, "verdict": ["too few repeats"],
+               "target_source": "default_target: …", "command": "mnist-opt compare …",
+               "summary": "bench/results/classic", "repeats": 3,
+               "verdict": ["tpe+hyperband vs kt-hyperband: too few repeats", "a vs b: no"],
                "strategies": {"tpe+hyperband": side, "kt-hyperband": theirs},
-               "modes": {"like_for_like": {
-                   "ours": "tpe+hyperband", "keras_tuner": "kt-hyperband",
-                   "time_to_target_ratio": 0.5,
-                   "time_to_target_ratio_paired": bench._spread([0.5, 0.5, 0.0]),
-                   "wall_ratio": 1.1, "wall_ratio_paired": bench._spread([1.0, 1.1, 1.2])}}}},
+               "modes": {"like_for_like": {"ours": "tpe+hyperband",
+                                           "keras_tuner": "kt-hyperband"}}}},
            "overhead": {"ours_epoch_s": 0.5, "bare_epoch_s": 0.8, "ratio": 0.625, "epochs": 6},
            "memory": {
                "one_process": {"trials": 3, "processes": 1,
@@ -83,10 +91,15 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
     assert bench.render(out, readme=True, folder=tmp_path) == 0
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
-    assert "**0.50** (0.50 (0.00–0.50))" in text and "| like for like |" in text
+    # ratio of medians 12/24; pairs 10/24 … 14/20; keras-tuner reached 2 of 3
+    assert "**0.50** (0.42–0.70 over all pairs) | 3/3, 2/3 |" in text
+    assert "| like for like |" in text and "chosen after the fact" in text
+    assert "- classic: tpe+hyperband vs kt-hyperband: too few repeats" in text
+    assert "a vs b" not in text  # only the pairs the table shows
     assert "12 (10–14) vs 24 (20–not reached)" in text   # ours vs theirs, seconds to target
     assert "+200 MB" in text and "2 processes over the run" in text
-    assert "- classic: too few repeats" in (tmp_path / "latest.md").read_text()
+    assert "- classic: tpe+hyperband vs kt-hyperband: too few repeats" in (
+        tmp_path / "latest.md").read_text()
     assert not math.isnan(out["overhead"]["ratio"])
 
 
