@@ -26,11 +26,9 @@ worker processes. Everything goes to ``bench/results/latest.json``, from which
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -239,19 +237,6 @@ def memory(cfg, workdir: Path, n_trials: int, workers: int) -> dict:
     return out
 
 
-def _machine() -> str:
-    import psutil
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    mem = psutil.virtual_memory().total / 2**30
-    versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}" for pkg in
-                         ("tensorflow", "keras", "keras-tuner", "optuna", "mlflow", "numpy"))
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; "
-            f"{platform.platform()}; Python {platform.python_version()}; {versions}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -291,7 +276,9 @@ def main() -> int:
     folders = (work / "compare") if args.quick else RESULTS
     path = (work if args.quick else RESULTS) / "latest.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    out = {"command": command, "started": started, "machine": _machine(), "quick": args.quick,
+    from mnist_opt.reporting.machine import describe
+
+    out = {"command": command, "started": started, "machine": describe(), "quick": args.quick,
            "workloads": {**{k: v for k, v in old.get("workloads", {}).items()
                             if k not in args.workloads}}}
     for key in args.workloads:

@@ -140,6 +140,6 @@ def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monke
             "repeats, 300 s of search each") in text
     assert "target validation accuracy 0.8500 (fixed before the run)" in text
     assert "| tpe+hyperband | 1 | 0.9000" in text and "| random+none | 1 | 0.8000" in text
-    assert "| 10.0 s |" in text  # tpe+hyperband reached 0.85 at its second epoch
+    assert "| 10.0 s [10.0, 10.0] |" in text  # tpe+hyperband reached 0.85 at its second epoch
     assert "- tpe+hyperband vs random+none: too few repeats" in text
     assert "group=False" in text and text.startswith("a\n") and text.endswith("b\n")

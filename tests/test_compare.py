@@ -121,7 +121,7 @@ def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tm
     md = (folder / "summary.md").read_text()
     assert "too few repeats" in md and "| strategy |" in md and report["command"] in md
     assert "--retrain" in report["command"] and "test acc: median [min, max]" in md
-    assert f"{os.cpu_count()} CPUs" in md
+    assert f"{os.cpu_count()} cores" in md and "Python " in md
 
     # the table's numbers, recomputed from the storage's trials
     repeats = _repeats(stores["storage"])
@@ -152,6 +152,18 @@ def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tm
         assert rows[label]["repeats"] == 2
         assert f"| {label} | 2 | {statistics.median(finals):.4f}" in md
     assert "tpe+hyperband vs random+none: too few repeats" in proc.stdout
+
+    # ... and from summary.json alone (its epochs), without the storage
+    from mnist_opt.reporting.time_to_target import Epoch, repeat_from_epochs, summary
+
+    again = summary([repeat_from_epochs(d["strategy"], d["repeat"],
+                                        [Epoch(t, a, n) for t, a, n in d["epoch_log"]], 0.0,
+                                        test_accuracy=d["test_accuracy"])
+                     for d in report["repeat_studies"]], report["target"])
+    for row in again:
+        for key in ("final_best_median", "time_to_target_median", "epochs_median", "reached",
+                    "test_accuracy_median"):
+            assert row[key] == pytest.approx(rows[row["strategy"]][key], abs=1e-3), key
 
     # MLflow: one compare run, the four repeats' study runs nested under it
     client = MlflowClient()

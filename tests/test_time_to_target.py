@@ -276,11 +276,12 @@ def test_tables():
     rows = ttt.summary([_repeat("tpe", 12.5, 0.95), _repeat("random", None)], target=0.9)
     markdown = ttt.markdown_table(rows).splitlines()
     assert markdown[0].startswith(
-        "| strategy | repeats | final best: median [IQR] | time to 0.9000: median |")
+        "| strategy | repeats | final best: median [IQR] | time to 0.9000: median [IQR] |")
     assert markdown[1] == "| " + " | ".join(["---"] * 10) + " |"
-    assert markdown[2].startswith("| tpe | 1 | 0.9500 [0.9500, 0.9500] | 12.5 s | 1/1 | 2 |")
-    assert markdown[3].startswith(
-        "| random | 1 | 0.8500 [0.8500, 0.8500] | not reached | 0/1 | not reached |")
+    assert markdown[2].startswith(
+        "| tpe | 1 | 0.9500 [0.9500, 0.9500] | 12.5 s [12.5, 12.5] | 1/1 | 2 |")
+    assert markdown[3].startswith("| random | 1 | 0.8500 [0.8500, 0.8500] | not reached "
+                                  "[not reached, not reached] | 0/1 | not reached |")
     text = ttt.text_table(rows).splitlines()
     assert len(text) == 4 and text[0].index("repeats") == text[2].index("1 ")
 

@@ -392,12 +392,15 @@ def _number(value: float | None, digits: int, unit: str = "") -> str:
 def _cells(rows: list[SummaryRow]) -> tuple[list[str], list[list[str]]]:
     """The table's header and cells, shared by the Markdown and the terminal versions."""
     target = f"{rows[0]['target']:.4f}" if rows else "target"
-    header = ["strategy", "repeats", "final best: median [IQR]", f"time to {target}: median",
-              "reached", "epochs to target", "epochs", "complete", "pruned", "failed"]
+    header = ["strategy", "repeats", "final best: median [IQR]",
+              f"time to {target}: median [IQR]", "reached", "epochs to target", "epochs",
+              "complete", "pruned", "failed"]
     cells = [[r["strategy"], str(r["repeats"]),
               f"{_number(r['final_best_median'], 4)} [{_number(r['final_best_q1'], 4)}, "
               f"{_number(r['final_best_q3'], 4)}]",
-              _number(r["time_to_target_median"], 1, " s"), f"{r['reached']}/{r['repeats']}",
+              f"{_number(r['time_to_target_median'], 1, ' s')} "
+              f"[{_number(r['time_to_target_q1'], 1)}, {_number(r['time_to_target_q3'], 1)}]",
+              f"{r['reached']}/{r['repeats']}",
               _number(r["epochs_to_target_median"], 0), f"{r['epochs_median']:.0f}",
               str(r["n_complete"]), str(r["n_pruned"]), str(r["n_failed"])] for r in rows]
     if any(r.get("test_accuracy_median") is not None for r in rows):  # compare --retrain

@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -41,8 +40,9 @@ from mlflow.tracking import MlflowClient
 
 from mnist_opt import interrupt
 from mnist_opt.errors import MnistOptError, StudyFailedError
-from mnist_opt.reporting.time_to_target import (default_target, markdown_table, plot_curves,
-                                                repeat_result, summary, verdict)
+from mnist_opt.reporting.machine import describe
+from mnist_opt.reporting.time_to_target import (default_target, epochs_of, markdown_table,
+                                                plot_curves, repeat_result, summary, verdict)
 from mnist_opt.search.strategies import Budget, Repeat, write_study_file
 from mnist_opt.study.config import StudyConfig, section_changes
 from mnist_opt.tracking import runs as tracking
@@ -339,11 +339,17 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
     folder.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(results, folder, target=target)
     repeats = max(r.index for r in plan) + 1
-    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    machine = describe()
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    # each repeat's epochs, so that the report can be recomputed without the storage
     details = [{"study": r.name, "strategy": r.strategy.label, "repeat": r.index, "seed": r.seed,
                 "wall_s": s.user_attrs.get("compare_wall_s"), "trials": _line(s),
-                "study_file": str(r.study_file)} for r, s in zip(plan, studies)]
+                "study_file": str(r.study_file),
+                "test_accuracy": s.user_attrs.get("compare_test_accuracy"),
+                "epoch_log": [[round(e.time - s.user_attrs["compare_clock_start"], 3),
+                               e.accuracy, e.trial]
+                              for e in epochs_of(s.get_trials(deepcopy=False))]}
+               for r, s in zip(plan, studies)]
     md = folder / "summary.md"
     md.write_text("\n".join([
         f"# Comparing strategies on {cfg.name}", "",
@@ -358,7 +364,9 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
         "## Table", "", table.rstrip("\n"), "",
         "## Verdict", "", *[f"- {line}" for line in lines], "",
         "## Curves", "", *[f"- [{p.name}]({p.name})" for p in plots], "",
-        "## Repeats", "", "| study | strategy | repeat | seed | trials | wall s |",
+        "## Repeats", "", "(wall s: from the repeat's process start to its exit; its epochs "
+        "are in summary.json)", "",
+        "| study | strategy | repeat | seed | trials | wall s |",
         "|---|---|---|---|---|---|",
         *[f"| {d['study']} | {d['strategy']} | {d['repeat']} | {d['seed']} | {d['trials']} | "
           f"{d['wall_s']:.1f} |" if d["wall_s"] is not None else
