@@ -240,13 +240,13 @@ def _run_repeat(repeat: Repeat, storage: optuna.storages.BaseStorage, url: str, 
 
 def best_params(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     """The trial with the highest validation accuracy of any completed epoch (the statistic
-    the curves use, for every tool and whatever became of the trial) and its params."""
-    scored = [(max(a for _, a in t.user_attrs["epoch_log"] if a is not None), -t.number, t)
-              for t in study.get_trials(deepcopy=False)
-              if any(a is not None for _, a in t.user_attrs.get("epoch_log", ()))]
+    the curves use, read by the same :func:`epochs_of`, for every tool and whatever became of
+    the trial; the earliest trial on a tie) and its params."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    scored = [e for e in epochs_of(trials.values()) if e.accuracy is not None]
     if not scored:
         return None
-    *_, best = max(scored, key=lambda item: item[:2])
+    best = trials[max(scored, key=lambda e: (e.accuracy, -e.trial)).trial]
     return best.number, best.params
 
 

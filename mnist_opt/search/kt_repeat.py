@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import math
 import sys
 import tempfile
 import time
@@ -223,18 +224,21 @@ def _log_curve(study) -> None:
     import mlflow
     from mlflow.entities import Metric
 
+    from mnist_opt.reporting.time_to_target import curve, epochs_of
+
     trials = study.get_trials(deepcopy=False)
-    epochs = sorted(e for t in trials for e in t.user_attrs.get("epoch_log", ()))
-    metrics, best, now = [], None, int(time.time() * 1000)
-    for step, (when, accuracy) in enumerate(epochs, 1):
-        if accuracy is None:
-            continue
-        best = accuracy if best is None else max(best, accuracy)
-        metrics += [Metric("val_accuracy", accuracy, int(when * 1000), step),
-                    Metric("best_val_accuracy_so_far", best, int(when * 1000), step)]
+    # the order and the best so far of the comparison's own definition
+    epochs = sorted(epochs_of(trials), key=lambda e: (e.time, e.trial))
+    steps = curve(epochs, clock_start=0.0)
+    metrics, now = [], int(time.time() * 1000)
+    for step, (epoch, best) in enumerate(zip(epochs, steps.best), 1):
+        if epoch.accuracy is not None:
+            when = int(epoch.time * 1000)
+            metrics += [Metric("val_accuracy", epoch.accuracy, when, step),
+                        Metric("best_val_accuracy_so_far", float(best), when, step)]
     metrics += [Metric("trials", len(trials), now, 0), Metric("epochs", len(epochs), now, 0)]
-    if best is not None:
-        metrics.append(Metric("best_val_accuracy", best, now, 0))
+    if len(steps.best) and math.isfinite(steps.best[-1]):  # nan: no epoch had an accuracy
+        metrics.append(Metric("best_val_accuracy", float(steps.best[-1]), now, 0))
     client = mlflow.MlflowClient()
     run_id = mlflow.active_run().info.run_id
     for start in range(0, len(metrics), 1000):  # the store's limit per batch
