@@ -54,16 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this comparison (for summary.md and MLflow)."""
-    words = ["mnist-opt", "compare", args.name, "--strategies", *args.strategies,
-             "--repeats", str(args.repeats)]
-    for flag in ("budget_seconds", "budget_epochs", "budget_trials"):
-        if getattr(args, flag) is not None:
-            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    words += ["--workers", str(args.workers), *(["--retrain"] if args.retrain else [])]
-    for flag in ("target", "max_epochs", "train_subset", "out", "storage"):
-        if getattr(args, flag) is not None:
-            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return shlex.join(words)
+    def given(*flags: str) -> list[str]:
+        return [word for flag in flags if getattr(args, flag) is not None
+                for word in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
+
+    return shlex.join(["mnist-opt", "compare", args.name, "--strategies", *args.strategies,
+                       "--repeats", str(args.repeats),
+                       *given("budget_seconds", "budget_epochs", "budget_trials"),
+                       "--workers", str(args.workers), *(["--retrain"] if args.retrain else []),
+                       *given("target", "max_epochs", "train_subset", "out", "storage")])
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
