@@ -206,10 +206,15 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(set(model.model_fields) - _OURS) if model else []
 
 
+_VALIDATOR_STEP = re.compile(r"function-(after|before|wrap|plain)\[")
+
+
 def _pydantic_problems(err: ValidationError) -> list[Problem]:
     problems = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        # drop pydantic's validator steps ("function-after[_check(), …]"), not a user's key
+        # that happens to start with "function-"
+        loc = tuple(str(p) for p in e["loc"] if not _VALIDATOR_STEP.match(str(p)))
         shown = ".".join(p for p in loc if p not in _TAGS and not p.startswith(("bool", "int",
                                                                                   "float", "str")))
         msg, value = e["msg"], e.get("input")
