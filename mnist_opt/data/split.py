@@ -23,7 +23,8 @@ def to_float(x: np.ndarray) -> np.ndarray:
 
 
 def stratified_subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int):
-    """A class-balanced subset of ``size`` images (all of them when size is None or too large)."""
+    """A stratified subset of ``size`` images, each class in its share of the whole (all of
+    them when size is None or too large)."""
     if size is None or size >= len(y):
         return x, y
     x_sub, _, y_sub, _ = train_test_split(x, y, train_size=size, stratify=y, random_state=seed)

@@ -5,6 +5,7 @@ import json
 
 import optuna
 
+from mnist_opt.reporting.trial_cost import epochs_trained, fixed_costs
 from mnist_opt.study.objectives import first_value, is_multi, pick, sign
 
 
@@ -15,7 +16,7 @@ def _score(study: optuna.Study):
 
     def score(t: optuna.trial.FrozenTrial) -> tuple:
         value = first_value(t)
-        if value is None and t.intermediate_values:
+        if value is None and t.intermediate_values:  # may be an in-epoch (slice) report
             value = t.intermediate_values[max(t.intermediate_values)]
         rank = float("inf") if value is None else -s * value
         return (t.state != optuna.trial.TrialState.COMPLETE, rank)
@@ -42,14 +43,16 @@ def table(study: optuna.Study, top: int, tolerance: float) -> str:
                            ) if t.values else "-"
         mark = ">" if t.number == picked else ("*" if t.number in front else " ")
         seconds = t.duration.total_seconds() if t.duration else float("nan")
+        epochs = t.user_attrs.get("epochs", epochs_trained(t))
         lines.append(f"{mark} {t.number:>4}  {t.state.name:8}  {value:>{width}}  "
-                     f"{t.user_attrs.get('epochs', len(t.intermediate_values)):>6}  {seconds:>7.1f}  "
+                     f"{epochs:>6g}  {seconds:>7.1f}  "
                      f"{json.dumps(_short(t.params))}")
     counts = {s.name: 0 for s in optuna.trial.TrialState}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] += 1
     lines.append(f"{len(study.trials)} trials: " + ", ".join(
         f"{n} {name.lower()}" for name, n in counts.items() if n))
+    lines.append(fixed_costs(study.get_trials(deepcopy=False)).line())
     if multi:
         lines.append(f"Pareto front (*): trials {', '.join(map(str, sorted(front)))}; "
                      f"> marks the trial retrain picks")

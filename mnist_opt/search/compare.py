@@ -41,6 +41,7 @@ from mlflow.tracking import MlflowClient
 from mnist_opt import interrupt
 from mnist_opt.errors import MnistOptError, StudyFailedError
 from mnist_opt.reporting.machine import describe
+from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.reporting.time_to_target import (default_target, epochs_of, markdown_table,
                                                 plot_curves, repeat_result, summary, verdict)
 from mnist_opt.search.strategies import Budget, Repeat, write_study_file
@@ -292,9 +293,9 @@ def _line(study: optuna.Study) -> str:
     """``12 trials (5 complete, 7 pruned, 0 failed), 20 epochs``: a finished repeat."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state.name.lower() for t in trials]
-    epochs = sum(len(t.user_attrs.get("epoch_log", ())) for t in trials)
+    epochs = sum(epochs_trained(t) for t in trials)
     return (f"{len(trials)} trials ({states.count('complete')} complete, "
-            f"{states.count('pruned')} pruned, {states.count('fail')} failed), {epochs} epochs")
+            f"{states.count('pruned')} pruned, {states.count('fail')} failed), {epochs:g} epochs")
 
 
 def _clean(value: Any) -> Any:

@@ -9,13 +9,14 @@ import mlflow
 import optuna
 
 from mnist_opt import data, interrupt
+from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.errors import StudyFailedError
 from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.tracking.storage import STALE
-from mnist_opt.training.callbacks import TrialCallback
+from mnist_opt.training.callbacks import InEpochReports, TrialCallback
 from mnist_opt.training.loop import fresh_model, train
 
 
@@ -36,6 +37,7 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
     """
 
     second = cfg.search.second_objective
+    make_callback = callback_factory(cfg, split, verbose)
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         params = suggest_params(trial, cfg)
@@ -44,12 +46,11 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
                 model = fresh_model(params, cfg.search.seed + trial.number, freeze)
                 trial.set_user_attr("n_params", model.count_params())
                 mlflow.log_param("n_params", model.count_params())
-                callback = TrialCallback(trial, cfg.search.metric, cfg.training.max_epochs,
-                                         label=f"trial {trial.number}", verbose=verbose,
-                                         report=second is None)  # no pruning with two
+                callback = make_callback(trial)
                 history = train(model, params, (split.x_train, split.y_train),
                                 (split.x_val, split.y_val), cfg.training.max_epochs, [callback],
-                                seed=cfg.search.seed + trial.number)
+                                seed=cfg.search.seed + trial.number,
+                                reports_per_epoch=callback.reports_per_epoch)
                 tracking.log_model(model)
                 trial.set_user_attr("val_accuracy", float(history.history["val_accuracy"][-1]))
                 trial.set_user_attr("epochs", len(history.epoch))
@@ -66,6 +67,22 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
                 mlflow.log_metric("rss_mb", rss)
 
     return objective
+
+
+def callback_factory(cfg: StudyConfig, split: data.Split, verbose: bool):
+    """``callback(trial)``: the trial's reporting callback, with in-epoch reports on a fixed
+    stratified validation slice when ``search.report_every`` is below 1 (single-objective
+    studies only: Optuna cannot prune the others, so they report nothing)."""
+    s = cfg.search
+    kwargs = dict(monitor=s.metric, epochs=cfg.training.max_epochs, verbose=verbose)
+    if s.second_objective is not None or s.reports_per_epoch == 1:
+        return lambda trial: TrialCallback(trial, label=f"trial {trial.number}",
+                                           report=s.second_objective is None, **kwargs)
+    # the same images for every trial and worker: the split's seed draws them
+    val_slice = data.stratified_subset(split.x_val, split.y_val, s.report_val_images,
+                                       cfg.data.seed)
+    return lambda trial: InEpochReports(trial, s.reports_per_epoch, val_slice,
+                                        label=f"trial {trial.number}", **kwargs)
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -116,9 +133,10 @@ def failure_streak(trials: Sequence[optuna.trial.FrozenTrial],
     return []
 
 
-def epochs_done(study: optuna.Study) -> int:
-    """Epochs completed by all the study's trials, running ones included (their epoch_log)."""
-    return sum(len(t.user_attrs.get("epoch_log", ())) for t in study.get_trials(deepcopy=False))
+def epochs_done(study: optuna.Study) -> float:
+    """Epochs trained by all the study's trials: completed ones, running ones included (their
+    epoch_log), and the fraction of an epoch where an in-epoch report pruned a trial."""
+    return sum(epochs_trained(t) for t in study.get_trials(deepcopy=False))
 
 
 def budget_spent(cfg: StudyConfig, study: optuna.Study) -> bool:

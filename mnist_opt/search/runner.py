@@ -81,7 +81,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
         return study
     if budget_spent(cfg, study):
-        print(f"study {cfg.name} has spent its epoch budget ({epochs_done(study)} of "
+        print(f"study {cfg.name} has spent its epoch budget ({epochs_done(study):g} of "
               f"search.epoch_budget={cfg.search.epoch_budget} epochs): nothing to run.")
         return study
     tracking.close_orphans(study, experiment)

@@ -26,15 +26,16 @@ def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.Base
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """The study file's pruner; its epochs become Optuna steps (reports: ``report_every``)."""
     s = cfg.search
     if s.pruner == "hyperband":
         # max_resource is the epoch budget: "auto" would prune nothing until a trial completes.
         return optuna.pruners.HyperbandPruner(
-            min_resource=s.min_resource, max_resource=cfg.training.max_epochs,
+            min_resource=s.optuna_steps(s.min_resource), max_resource=s.optuna_steps(cfg.training.max_epochs),
             reduction_factor=s.reduction_factor)
     if s.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=s.n_startup_trials // 2 or 1,
-                                           n_warmup_steps=s.n_warmup_steps)
+                                           n_warmup_steps=s.optuna_steps(s.n_warmup_steps))
     return optuna.pruners.NopPruner()
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_serializer)
 
 from mnist_opt.errors import StudyFileError
 from mnist_opt.study.checks import Problem, check_search, check_space, did_you_mean
@@ -78,9 +79,16 @@ class SearchConfig(_Strict):
     sampler: Literal["tpe", "gp", "random", "grid", "qmc", "nsga2"] = "tpe"
     n_startup_trials: int = Field(10, ge=0)
     pruner: Literal["hyperband", "median", "none"] = "hyperband"
-    min_resource: int = Field(1, ge=1)
+    # Pruner settings are in epochs, whatever report_every is (fractions of an epoch allowed
+    # when they are whole numbers of reports); they become Optuna steps in make_pruner.
+    min_resource: float = Field(1, gt=0)
     reduction_factor: int = Field(3, ge=2)
     n_warmup_steps: int = Field(1, ge=0)
+    # How often a trial reports to the pruner, as a fraction of an epoch (1, 0.5, 0.25, …):
+    # below 1, in-epoch reports are measured on a fixed stratified slice of the validation
+    # set (report_val_images), and every epoch's end still reports the full validation set.
+    report_every: float = Field(1, gt=0, le=1)
+    report_val_images: int = Field(2000, ge=100)
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     n_trials: int = Field(20, ge=1)
@@ -100,6 +108,21 @@ class SearchConfig(_Strict):
     # retrain picks the smallest/fastest model within pick_tolerance of the best accuracy.
     second_objective: Optional[Literal["n_params", "latency_ms"]] = None
     pick_tolerance: float = Field(0.005, ge=0, le=1)
+
+    @field_serializer("min_resource", "report_every")
+    def _integral_as_int(self, value: float) -> float | int:
+        # 1, not 1.0: a study file's normalised search section (and its digest) stays what
+        # it was before these fields took fractions
+        return int(value) if float(value).is_integer() else value
+
+    @property
+    def reports_per_epoch(self) -> int:
+        """Optuna steps per epoch: 4 with ``report_every: 0.25`` (checked to divide 1)."""
+        return round(1 / self.report_every)
+
+    def optuna_steps(self, epochs: float) -> int:
+        """``epochs`` in Optuna steps (reports); checked to be a whole number on load."""
+        return round(epochs * self.reports_per_epoch)
 
 
 class TrainingConfig(_Strict):
@@ -156,9 +179,15 @@ class StudyConfig(_Strict):
 
     def search_section(self) -> dict[str, Any]:
         """What shapes the search, normalised (defaults filled in, JSON types): stored on the
-        study and its MLflow run, so a changed file can be named key by key."""
-        return {**self.model_dump(mode="json", exclude=NOT_SEARCH),
-                "parameter_table_version": TABLE_VERSION}
+        study and its MLflow run, so a changed file can be named key by key.
+
+        With one report per epoch the in-epoch report settings change nothing, and are left
+        out: a study begun before they existed keeps its digest."""
+        section = self.model_dump(mode="json", exclude=NOT_SEARCH)
+        if self.search.reports_per_epoch == 1:
+            for key in IN_EPOCH:
+                section["search"].pop(key)
+        return {**section, "parameter_table_version": TABLE_VERSION}
 
     @property
     def digest(self) -> str:
@@ -193,6 +222,8 @@ NOT_SEARCH: dict[str, Any] = {
     "search": {"n_trials", "timeout", "epoch_budget", "trials_per_worker",
                "max_consecutive_failures", "pick_tolerance"},
     "training": {"retrain_epochs"}}
+
+IN_EPOCH = ("report_every", "report_val_images")  # search keys that only matter below 1
 
 _TAGS = {"choice", "range", "fixed", "per-layer"}
 _OURS = {"is_int", "name", "path"}  # keys the loader adds; never shown as the user's

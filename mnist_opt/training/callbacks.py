@@ -1,4 +1,5 @@
-"""The one Keras callback: per epoch it logs to MLflow, reports to Optuna and prunes."""
+"""The one Keras callback: per epoch (or per fraction of one) it logs to MLflow, reports to
+Optuna and prunes."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import time
 
 import keras
 import mlflow
+import numpy as np
 import optuna
 from tqdm import tqdm
 
@@ -15,12 +17,17 @@ LOGGED = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class TrialCallback(keras.callbacks.Callback):
-    """Streams ``loss``/``accuracy``/``val_*`` to the active MLflow run (step = epoch, from 1).
+    """Streams ``loss``/``accuracy``/``val_*`` and ``epoch`` to the active MLflow run.
 
     With a trial, it also reports ``monitor`` to Optuna and raises ``optuna.TrialPruned`` as
     soon as the pruner says so or the loss is no longer finite. Unlike
     ``KerasPruningCallback`` it fails loudly when ``monitor`` is not among Keras's logs.
+    The step, in MLflow and Optuna alike, counts reports: the epoch (from 1) here; with
+    :class:`InEpochReports`, ``reports_per_epoch`` of them per epoch, the epoch's end being
+    the last. The ``epoch`` metric keeps curves of either comparable.
     """
+
+    reports_per_epoch = 1
 
     def __init__(self, trial: optuna.Trial | None = None, monitor: str = "val_accuracy",
                  epochs: int | None = None, label: str = "", verbose: bool = True,
@@ -40,12 +47,12 @@ class TrialCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         interrupt.check()  # an interrupted epoch is partial: not logged, not reported
         logs = logs or {}
-        step = epoch + 1
+        step = (epoch + 1) * self.reports_per_epoch
         metrics = {k: float(logs[k]) for k in LOGGED if k in logs}
-        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_metrics({**metrics, "epoch": epoch + 1}, step=step)
         if self.verbose:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            tqdm.write(f"{self.label} epoch {step}/{self.epochs or '?'}  {shown}".strip())
+            tqdm.write(f"{self.label} epoch {epoch + 1}/{self.epochs or '?'}  {shown}".strip())
         if self.trial is None:
             return
         # when each epoch ended and its validation accuracy: best-so-far curves and time to
@@ -56,12 +63,78 @@ class TrialCallback(keras.callbacks.Callback):
         if self.monitor not in logs:
             raise KeyError(f"metric {self.monitor!r} is not in Keras's logs {sorted(logs)}; "
                            "check the study file's search.metric")
-        if not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(logs[self.monitor]):
-            reason = f"non-finite loss at epoch {step}"
-            self.trial.set_user_attr("prune_reason", reason)
-            raise optuna.TrialPruned(reason)
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            self._prune(epoch + 1, "non-finite loss")
+        self._report(float(logs[self.monitor]), step, epoch + 1)
+
+    def _report(self, value: float, step: int, epochs: float) -> None:
+        """Tell Optuna ``value`` at ``step``, ``epochs`` into training; prune when it is not
+        finite or the pruner says so."""
+        if not math.isfinite(value):
+            self._prune(epochs, "non-finite loss")
         if not self.report:
             return
-        self.trial.report(float(logs[self.monitor]), step)
+        self.trial.report(value, step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned by the pruner at epoch {step}")
+            self._prune(epochs, "pruned by the pruner")
+
+    def _prune(self, epochs: float, why: str) -> None:
+        """Stop the trial as pruned, recording why and how far it trained (its fixed cost
+        and epoch count need that when it stops inside an epoch)."""
+        reason = f"{why} at epoch {round(epochs, 2):g}"
+        self.trial.set_user_attr("prune_reason", reason)
+        self.trial.set_user_attr("pruned_at_epoch", epochs)
+        raise optuna.TrialPruned(reason)
+
+
+class InEpochReports(TrialCallback):
+    """A :class:`TrialCallback` that also reports ``reports_per_epoch - 1`` times inside each
+    epoch, after each equal share of its batches, measured on a fixed validation slice.
+
+    The full validation set is only measured at the epoch's end (Keras's own validation),
+    and that is what Optuna receives at the epoch's last step and as the trial's value. In
+    MLflow the in-epoch points are ``slice_val_accuracy``/``slice_val_loss`` with the epoch
+    as a fraction. Keras calls batch hooks once per compiled call (``steps_per_execution``),
+    so a report comes at the first call at or past its share, and says how far it got.
+    """
+
+    def __init__(self, trial: optuna.Trial, reports_per_epoch: int,
+                 val_slice: tuple[np.ndarray, np.ndarray], **kwargs):
+        super().__init__(trial, **kwargs)
+        self.reports_per_epoch, self.val_slice = reports_per_epoch, val_slice
+        self._epoch, self._next = 0, 1  # the epoch under way, its next report (1-based)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch, self._next = epoch, 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        steps = self.params["steps"]
+        if steps is None:
+            raise ValueError("in-epoch reports need a dataset of known length (tf.data "
+                             "cardinality), to know where an epoch's quarters fall")
+        done = min(batch + 1, steps)  # a last compiled call may run short of its length
+        due = [i for i in range(self._next, self.reports_per_epoch)
+               if done >= math.ceil(i * steps / self.reports_per_epoch)]
+        if not due:
+            return
+        self._next = due[-1] + 1
+        step = self._epoch * self.reports_per_epoch + due[-1]
+        epoch = self._epoch + done / steps
+        if not math.isfinite((logs or {}).get("loss", 0.0)):  # NaN outputs still "classify"
+            self._prune(epoch, "non-finite loss")
+        metrics = self.slice_metrics()
+        mlflow.log_metrics({**{f"slice_{k}": v for k, v in metrics.items()}, "epoch": epoch},
+                           step=step)
+        self._report(metrics[self.monitor], step, epoch)
+
+    def slice_metrics(self, batch_size: int = 512) -> dict[str, float]:
+        """Validation accuracy and loss on the slice, in inference mode, outside Keras's
+        metrics (``evaluate`` would reset the epoch's running training metrics)."""
+        x, y = self.val_slice
+        probs = np.concatenate([keras.ops.convert_to_numpy(self.model(x[i:i + batch_size],
+                                                                      training=False))
+                                for i in range(0, len(y), batch_size)])
+        # Keras computes the loss from the softmax's logits; clipping only differs below 1e-7
+        picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+        return {"val_accuracy": float(np.mean(probs.argmax(axis=1) == y)),
+                "val_loss": float(-np.mean(np.log(picked)))}

@@ -1,0 +1,41 @@
+"""The per-trial fixed cost against hand-built trials whose answer is known."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import optuna
+import pytest
+
+from mnist_opt.reporting.trial_cost import epochs_trained, fixed_cost, fixed_costs
+
+T0 = datetime(2026, 11, 30, 9, 0, 0)
+TS = optuna.trial.TrialState
+
+
+def _trial(state: TS, wall: float, ends: list[float], **attrs) -> optuna.trial.FrozenTrial:
+    """A trial that ran ``wall`` seconds and ended epochs ``ends`` seconds after its start."""
+    log = [[(T0 + timedelta(seconds=e)).timestamp(), 0.9] for e in ends]
+    return optuna.trial.FrozenTrial(
+        number=0, trial_id=0, state=state, value=0.9 if state == TS.COMPLETE else None,
+        values=None, datetime_start=T0, datetime_complete=T0 + timedelta(seconds=wall),
+        params={}, distributions={}, user_attrs={"epoch_log": log, **attrs}, system_attrs={},
+        intermediate_values={})
+
+
+def test_fixed_cost_is_wall_time_minus_epochs_times_the_steady_epoch():
+    # first epoch 7 s, then 3 s each (2 and 4: median 3); 20 s in all: 20 - 3 × 3 = 11
+    assert fixed_cost(_trial(TS.COMPLETE, 20, [7, 9, 13])) == pytest.approx(11)
+
+
+def test_a_trial_pruned_inside_an_epoch_counts_its_fraction():
+    trial = _trial(TS.PRUNED, 12, [7, 10], pruned_at_epoch=2.25)
+    assert epochs_trained(trial) == 2.25
+    assert fixed_cost(trial) == pytest.approx(12 - 2.25 * 3)
+
+
+def test_trials_without_a_steady_state_are_left_out_and_counted():
+    costs = fixed_costs([_trial(TS.COMPLETE, 20, [7, 9, 13]), _trial(TS.PRUNED, 9, [8]),
+                         _trial(TS.FAIL, 3, [])])
+    assert costs.values == pytest.approx([11]) and costs.left_out == 1
+    assert "median 11.00 s" in costs.line() and "left out: 1 with fewer" in costs.line()
+    assert "no trial has two completed epochs" in fixed_costs([]).line()
