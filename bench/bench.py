@@ -4,17 +4,18 @@
     python bench/bench.py --quick         # reduced: a 6,000-image subset, 2 repeats (make bench-quick)
     python bench/bench.py --render        # only rewrite latest.md and the README from latest.json
 
-Each workload is one ``compare`` (:mod:`mnist_opt.search.compare`) of three or four strategies
-on one study's space and data, one worker process per repeat, the same trial budget, every
-repeat's best configuration retrained and scored on the test set. Two modes are read from it:
+Each workload is a ``compare`` (:mod:`mnist_opt.search.compare`) of three strategies on one
+study's space and data, one worker process per repeat, the same trial budget, every repeat's
+best configuration retrained and scored on the test set. Two modes are read from it:
 
 * **like for like**: keras-tuner on our ``tf.data`` pipeline with 8 steps per compiled call,
   Bayesian search with our number of random start-up trials, and the same pruning choice
   (Hyperband vs our Hyperband pruner; Bayesian vs TPE without pruning);
 * **out of the box**: each tool as its documentation starts a user: keras-tuner's defaults
   (``model.fit`` on NumPy arrays, one step per call, its own ``num_initial_points`` and
-  ``hyperband_iterations``) vs the study file's own sampler and pruner, in one worker process
-  (every repeat of a ``compare`` has the same worker count, and keras-tuner runs in one).
+  ``hyperband_iterations``) vs the study file's own sampler and pruner as ``make study`` runs
+  it, on every usable core (``--workers auto``): a second ``compare``, at the first one's
+  target, since a compare gives all its strategies one worker count and keras-tuner has one.
 
 The headline is the **time-to-target ratio**, ours / keras-tuner's, of the median seconds from
 the tool's process start until the best-so-far validation accuracy reaches the compare's
@@ -113,55 +114,105 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) -> dict:
-    """One compare of the workload's strategies; the per-repeat figures of each strategy."""
+def _compare_command(study: str, names: list[str], repeats: int, trials: int, epochs: int,
+                     subset: int | None, folder: Path, db: Path, workers: int,
+                     target: float | None = None) -> str:
+    """The ``mnist-opt compare`` command line that :func:`run_workload` runs as a function."""
+    return shlex.join(["mnist-opt", "compare", study, "--strategies", *names,
+                       "--repeats", str(repeats), "--budget-trials", str(trials),
+                       "--workers", str(workers), "--retrain", "--max-epochs", str(epochs),
+                       *(["--train-subset", str(subset)] if subset else []),
+                       *(["--target", f"{target:.4f}"] if target is not None else []),
+                       "--out", _shown(folder), "--storage", f"sqlite:///{_shown(db)}"])
+
+
+def _figures(todo: list, storage: str, target: float, epochs: int) -> tuple[dict, dict]:
+    """strategy label → figure → median/min/max over the compare's repeats; and label →
+    the repeats' results (for a verdict across two compares)."""
     import optuna
 
     from mnist_opt.reporting.time_to_target import repeat_result, time_to_target
-    from mnist_opt.search.compare import compare
-    from mnist_opt.search.strategies import Budget, parse_strategies, plan
-    from mnist_opt.study.config import find_study
+    from mnist_opt.reporting.trial_cost import fixed_costs
 
-    work = WORKLOADS[key]
-    cfg = find_study(work["study"], ROOT / "studies")
-    pairs = _strategies(work, f"{cfg.search.sampler}+{cfg.search.pruner}")
-    names = list(dict.fromkeys(s for pair in pairs.values() for s in pair))
-    trials = QUICK["trials"] if quick else work["trials"]
-    epochs = QUICK["max_epochs"] if quick else work["max_epochs"]
-    subset = QUICK["train_subset"] if quick else None
-    budget = Budget(trials=trials)
-    command = shlex.join(["mnist-opt", "compare", work["study"], "--strategies", *names,
-                          "--repeats", str(repeats), "--budget-trials", str(trials),
-                          "--workers", "1", "--retrain", "--max-epochs", str(epochs),
-                          *(["--train-subset", str(subset)] if subset else []),
-                          "--out", _shown(folder), "--storage", f"sqlite:///{_shown(db)}"])
-    print(f"\n== {key}: {command}", flush=True)
-    todo = plan(cfg, parse_strategies(names), repeats, budget, folder, epochs, subset)
-    storage = f"sqlite:///{db}"
-    out = compare(cfg, todo, budget, 1, storage, None, command, folder, retrain=True)
     per: dict[str, dict[str, list]] = {}
+    results: dict[str, list] = {}
     for repeat in todo:
         study = optuna.load_study(study_name=repeat.name, storage=storage)
         r = repeat_result(study)
+        results.setdefault(repeat.strategy.label, []).append(r)
         fig = per.setdefault(repeat.strategy.label, {k: [] for k in (
             "time_to_target", "wall_s", "best_val", "final_val", "test_acc", "epochs",
-            "trials")})
-        fig["time_to_target"].append(time_to_target(r.curve, out.target))
+            "trials", "fixed_cost_s")})
+        fig["time_to_target"].append(time_to_target(r.curve, target))
         fig["wall_s"].append(r.wall_s)
         fig["best_val"].append(r.final_best)
         fig["final_val"].append(final_val(study, epochs))
         fig["test_acc"].append(r.test_accuracy)
         fig["epochs"].append(r.epochs)
         fig["trials"].append(r.n_complete + r.n_pruned + r.n_failed)
-    strategies = {name: {k: _spread(v) for k, v in fig.items()} for name, fig in per.items()}
+        costs = fixed_costs(study.get_trials(deepcopy=False)).values  # the repeat's median
+        fig["fixed_cost_s"].append(statistics.median(costs) if costs else None)
+    return {name: {k: _spread(v) for k, v in fig.items()} for name, fig in per.items()}, results
+
+
+def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) -> dict:
+    """The workload's compares; the per-repeat figures of each strategy.
+
+    One compare in one worker process per repeat holds both tools' like-for-like strategies
+    and keras-tuner's defaults; out of the box, ours runs as ``make study`` starts it, on
+    every core (``--workers auto``), in a second compare at the first one's target (a
+    compare runs all its strategies with one worker count, and keras-tuner has one process).
+    """
+    from mnist_opt.reporting.time_to_target import compare_pair
+    from mnist_opt.search.compare import compare
+    from mnist_opt.search.cores import auto_workers
+    from mnist_opt.search.strategies import Budget, parse_strategies, plan
+    from mnist_opt.study.config import find_study
+
+    work = WORKLOADS[key]
+    cfg = find_study(work["study"], ROOT / "studies")
+    study_pair = f"{cfg.search.sampler}+{cfg.search.pruner}"
+    pairs = _strategies(work, study_pair)
+    workers = auto_workers().workers  # what `make study` starts out of the box
+    names = list(dict.fromkeys(s for mode, pair in pairs.items() for s in pair
+                               if not (mode == "out_of_the_box" and s == study_pair
+                                       and workers > 1)))
+    trials = QUICK["trials"] if quick else work["trials"]
+    epochs = QUICK["max_epochs"] if quick else work["max_epochs"]
+    subset = QUICK["train_subset"] if quick else None
+    budget = Budget(trials=trials)
+
+    def one_compare(names: list[str], folder: Path, db: Path, workers: int,
+                    target: float | None = None):
+        command = _compare_command(work["study"], names, repeats, trials, epochs, subset,
+                                   folder, db, workers, target)
+        print(f"\n== {key}: {command}", flush=True)
+        todo = plan(cfg, parse_strategies(names), repeats, budget, folder, epochs, subset)
+        storage = f"sqlite:///{db}"
+        out = compare(cfg, todo, budget, workers, storage, target, command, folder, retrain=True)
+        return (command, out, *_figures(todo, storage, out.target, epochs))
+
+    command, out, strategies, results = one_compare(names, folder, db, 1)
+    commands, verdict, folders = [command], list(out.verdict), [folder]
+    if workers > 1:
+        folders.append(folder.with_name(f"{folder.name}-auto"))
+        auto, _, figures, auto_results = one_compare(
+            [study_pair], folders[-1], db.with_name(f"{db.stem}-auto{db.suffix}"), workers,
+            out.target)
+        label, theirs = f"{study_pair}, {workers} workers", pairs["out_of_the_box"][1]
+        strategies[label] = figures[study_pair]
+        pairs["out_of_the_box"] = (label, theirs)
+        verdict.append(compare_pair(auto_results[study_pair], results[theirs], out.target,
+                                    names=(label, theirs)).verdict)
+        commands.append(auto)
     # which strategies each mode compares; its ratios are derived from the figures when
     # rendered (ratio_figures), so the JSON holds each number once
     modes = {mode: {"ours": ours, "keras_tuner": theirs} for mode, (ours, theirs) in pairs.items()}
-    return {"study": work["study"], "title": work["title"], "command": command,
+    return {"study": work["study"], "title": work["title"], "command": "; ".join(commands),
             "trials": trials, "max_epochs": epochs, "train_subset": subset,
             "repeats": repeats, "target": out.target, "target_source": out.target_source,
-            "summary": _shown(folder),
-            "verdict": out.verdict, "strategies": strategies, "modes": modes}
+            "summary": ", ".join(f"{_shown(f)}/" for f in folders),
+            "verdict": verdict, "strategies": strategies, "modes": modes}
 
 
 def overhead(cfg, params: dict, workdir: Path, epochs: int) -> dict:
@@ -363,11 +414,12 @@ def _notes(out: dict) -> list[str]:
         "Best val: the best epoch of any trial (keras-tuner's score); final val: the last "
         "epoch of a trial trained to the full budget (Optuna's value); test acc: each "
         "repeat's best configuration retrained as `mnist-opt retrain` does (all training "
-        "images of the workload) and scored on the test set. One worker process per repeat "
-        "for both tools and the same trial budget, as each tool counts trials: keras-tuner's "
+        "images of the workload) and scored on the test set. " + _workers_note(out) + " The "
+        "same trial budget, as each tool counts trials: keras-tuner's "
         "Hyperband counts each round of a bracket as a trial and resumes a promoted "
         "configuration from its checkpoint (on Keras 3 without the optimizer's state), so its "
         "30 trials are fewer configurations and fewer epochs than our 30 (epochs column).",
+        *_fixed_cost_note(out),
         f"Per-epoch time of one configuration: {o['ours_epoch_s']:.3f} s inside our trial vs "
         f"{o['bare_epoch_s']:.3f} s for a bare `model.fit` on NumPy arrays (ratio "
         f"{o['ratio']:.2f}; median of {o['epochs'] - 1} epochs after the first).",
@@ -380,6 +432,31 @@ def _notes(out: dict) -> list[str]:
         f"({wk['processes']} processes over the run, {max(p['trials'] for p in wk['per_process'])} "
         f"trials at most each): a worker process grew by {grow:.0f} MB at most.",
     ]
+
+
+def _fixed_cost_note(out: dict) -> list[str]:
+    """The per-trial fixed cost of each strategy (:mod:`mnist_opt.reporting.trial_cost`),
+    where the JSON has it."""
+    cells = [f"{w['title'].split(' (')[0]}, {name}: {_cell(fig['fixed_cost_s'], 2, ' s')}"
+             for w in out["workloads"].values() for name, fig in w["strategies"].items()
+             if "fixed_cost_s" in fig]
+    if not cells:
+        return []
+    return ["Fixed cost per trial (wall time minus epochs trained × the trial's steady-state "
+            "epoch time; each repeat's median over its trials with two or more epochs, then "
+            "median (min–max) over repeats): " + "; ".join(cells) + "."]
+
+
+def _workers_note(out: dict) -> str:
+    """How many worker processes each side had (out of the box, ours may have several)."""
+    auto = sorted({m["ours"].split(", ")[1] for w in out["workloads"].values()
+                   for m in w["modes"].values() if ", " in m["ours"]})
+    if not auto:
+        return "One worker process per repeat for both tools."
+    return (f"One worker process per repeat for both tools, except ours out of the box: "
+            f"{' / '.join(auto)} (`--workers auto`, every usable core, as `make study` starts "
+            "it; keras-tuner has no local parallel mode), in a second compare at the first "
+            "one's target.")
 
 
 def _target_source(source: str) -> str:
@@ -413,7 +490,8 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
         f"- started: {out['started']}, finished: {out['finished']}",
         f"- machine: {out['machine']}",
         *[f"- {w['title']}: `{w['command']}`; target {w['target']:.4f} ({w['target_source']}); "
-          f"curves, table and per-repeat studies in `{w['summary']}/`"
+          "curves, table and per-repeat studies in "
+          + ", ".join(f"`{f.strip().rstrip('/')}/`" for f in w["summary"].split(","))
           for w in out["workloads"].values()], "",
         "Timings on these machines are noisy and differ between machines: read the ratios, "
         "which compare runs inside this one invocation.", "",

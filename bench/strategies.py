@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,32 @@ def run(name: str, strategies: list[str] | None = None) -> int:
     return subprocess.run([sys.executable, "-m", "mnist_opt", *argv[1:]], cwd=ROOT).returncode
 
 
+def reading(s: dict, alpha: float = 0.05) -> str:
+    """What one comparison's numbers say, in words generated from them: the leaders, how many
+    pairwise tests were significant, and what that count means with this many pairs."""
+    def ttt(row: dict) -> float:
+        return math.inf if row["time_to_target_median"] is None else row["time_to_target_median"]
+
+    rows, repeats = s["rows"], s["repeats"]
+    pairs = len(rows) * (len(rows) - 1) // 2
+    fastest, best = min(rows, key=ttt), max(rows, key=lambda r: r["final_best_median"] or 0)
+    time_wins = sum("faster than" in line for line in s["verdict"])
+    final_wins = sum("higher final best" in line for line in s["verdict"])
+    smallest = [float(p) for line in s["verdict"] for p in re.findall(r"p=([0-9.e-]+)", line)]
+    bonferroni, floor = alpha / max(pairs, 1), 2 / math.comb(2 * repeats, repeats)
+    survive = sum(p < bonferroni for p in smallest)
+    lowest = "not reached" if math.isinf(ttt(fastest)) else f"{ttt(fastest):.1f} s"
+    return (f"What the data says: the lowest median time to target is {fastest['strategy']}'s "
+            f"({lowest}), the highest median final best {best['strategy']}'s "
+            f"({best['final_best_median']:.4f}). Of the {pairs} pairs, {time_wins} differ "
+            f"significantly in time to target and {final_wins} in final best at α = {alpha:g}, "
+            f"each test on its own; if no strategy differed, about {alpha * pairs:.2g} of each "
+            f"would by chance. Corrected for {pairs} tests (Bonferroni, p < {bonferroni:.2g}), "
+            f"{survive} {'survives' if survive == 1 else 'survive'}" +
+            (f": with {repeats} repeats a side no p can go below {floor:.2g}, so naming a "
+             f"winner needs more repeats." if floor >= bonferroni else "."))
+
+
 def section(summaries: list[dict]) -> str:
     """The README's strategies section: per comparison, its setup, table and verdict."""
     from mnist_opt.reporting.time_to_target import markdown_table
@@ -77,7 +105,7 @@ def section(summaries: list[dict]) -> str:
                   f"{s['date']}, {s['machine']}; `{s['command']}`; details in "
                   f"[`{s['folder']}/summary.md`]({s['folder']}/summary.md).", "",
                   markdown_table(s["rows"]).rstrip("\n"), "",
-                  *[f"- {line}" for line in s["verdict"]], ""]
+                  *[f"- {line}" for line in s["verdict"]], "", reading(s), ""]
     return "\n".join(["", TPE_NOTE, "", *parts])
 
 

@@ -64,17 +64,22 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
             "best_val": bench._spread([0.96, 0.97, 0.98]),
             "final_val": bench._spread([0.95, 0.96, None]),
             "test_acc": bench._spread([0.95, 0.955, 0.96]),
-            "epochs": bench._spread([100, 120, 140]), "trials": bench._spread([30, 30, 30])}
+            "epochs": bench._spread([100, 120, 140]), "trials": bench._spread([30, 30, 30]),
+            "fixed_cost_s": bench._spread([1.0, 2.0, 3.0])}
     theirs = {**side, "time_to_target": bench._spread([20.0, 24.0, None])}
     out = {"command": "make bench", "started": "s", "finished": "f", "machine": "m",
            "workloads": {"classic": {
                "title": "classic", "trials": 30, "max_epochs": 10, "target": 0.95,
                "target_source": "default_target: …", "command": "mnist-opt compare …",
                "summary": "bench/results/classic", "repeats": 3,
-               "verdict": ["tpe+hyperband vs kt-hyperband: too few repeats", "a vs b: no"],
-               "strategies": {"tpe+hyperband": side, "kt-hyperband": theirs},
+               "verdict": ["tpe+hyperband vs kt-hyperband: too few repeats", "a vs b: no",
+                           "tpe+hyperband, 2 workers vs kt-defaults: too few repeats"],
+               "strategies": {"tpe+hyperband": side, "kt-hyperband": theirs,
+                              "tpe+hyperband, 2 workers": side, "kt-defaults": theirs},
                "modes": {"like_for_like": {"ours": "tpe+hyperband",
-                                           "keras_tuner": "kt-hyperband"}}}},
+                                           "keras_tuner": "kt-hyperband"},
+                         "out_of_the_box": {"ours": "tpe+hyperband, 2 workers",
+                                            "keras_tuner": "kt-defaults"}}}},
            "overhead": {"ours_epoch_s": 0.5, "bare_epoch_s": 0.8, "ratio": 0.625, "epochs": 6},
            "memory": {
                "one_process": {"trials": 3, "processes": 1,
@@ -98,6 +103,11 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
     assert "a vs b" not in text  # only the pairs the table shows
     assert "12 (10–14) vs 24 (20–not reached)" in text   # ours vs theirs, seconds to target
     assert "+200 MB" in text and "2 processes over the run" in text
+    # out of the box, ours on every core: its own row, verdict and the workers it had
+    assert "| out of the box | tpe+hyperband, 2 workers vs kt-defaults |" in text
+    assert "- classic: tpe+hyperband, 2 workers vs kt-defaults: too few repeats" in text
+    assert "except ours out of the box: 2 workers (`--workers auto`" in text
+    assert "classic, tpe+hyperband: 2.00 s (1.00–3.00)" in text  # fixed cost per trial
     assert "- classic: tpe+hyperband vs kt-hyperband: too few repeats" in (
         tmp_path / "latest.md").read_text()
     assert not math.isnan(out["overhead"]["ratio"])
@@ -143,3 +153,23 @@ def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monke
     assert "| 10.0 s [10.0, 10.0] |" in text  # tpe+hyperband reached 0.85 at its second epoch
     assert "- tpe+hyperband vs random+none: too few repeats" in text
     assert "group=False" in text and text.startswith("a\n") and text.endswith("b\n")
+    assert ("the lowest median time to target is tpe+hyperband's (10.0 s), the highest median "
+            "final best tpe+hyperband's (0.9000). Of the 1 pairs, 0 differ") in text
+
+
+def test_the_reading_counts_significant_pairs_and_what_chance_gives():
+    strategies = _load("strategies")
+    rows = [{"strategy": name, "time_to_target_median": t, "final_best_median": f}
+            for name, t, f in (("a", 30.0, 0.98), ("b", None, 0.99), ("c", 50.0, 0.97))]
+    verdict = ["a vs b: a reaches the target faster than b (p=0.0079); b reaches a higher "
+               "final best than a (p=0.024)", "a vs c: no significant difference in time to "
+               "target (p=0.3); no significant difference in final best (p=0.5)",
+               "b vs c: no significant difference in time to target (p=0.2); b reaches a "
+               "higher final best than c (p=0.0079)"]
+    text = strategies.reading({"rows": rows, "repeats": 5, "verdict": verdict})
+    assert "lowest median time to target is a's (30.0 s)" in text
+    assert "highest median final best b's (0.9900)" in text
+    assert "1 differ significantly in time to target and 2 in final best" in text
+    assert "about 0.15 of each would by chance" in text
+    # 3 pairs: Bonferroni 0.0167; two p of 0.0079 survive it, and 5 a side can go below it
+    assert "(Bonferroni, p < 0.017), 2 survive." in text
