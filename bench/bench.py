@@ -203,7 +203,7 @@ def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) ->
         strategies[label] = figures[study_pair]
         pairs["out_of_the_box"] = (label, theirs)
         verdict.append(compare_pair(auto_results[study_pair], results[theirs], out.target,
-                                    names=(label, theirs)).verdict)
+                                    names=(label, theirs))["verdict"])
         commands.append(auto)
     # which strategies each mode compares; its ratios are derived from the figures when
     # rendered (ratio_figures), so the JSON holds each number once
@@ -400,6 +400,9 @@ def _notes(out: dict) -> list[str]:
     one, wk = mem["one_process"], mem["workers"]
     grow = max(p["growth_mb"] for p in wk["per_process"])
     repeats = sorted({w["repeats"] for w in out["workloads"].values()})
+    hyperband_trials = "/".join(sorted({str(w["trials"]) for w in out["workloads"].values()
+                                        if any("hyperband" in m["keras_tuner"]
+                                               for m in w["modes"].values())}))
     targets = "; ".join(f"{w['title'].split(' (')[0]} {w['target']:.4f}, "
                         f"{_target_source(w['target_source'])}"
                         for w in out["workloads"].values())
@@ -418,7 +421,8 @@ def _notes(out: dict) -> list[str]:
         "same trial budget, as each tool counts trials: keras-tuner's "
         "Hyperband counts each round of a bracket as a trial and resumes a promoted "
         "configuration from its checkpoint (on Keras 3 without the optimizer's state), so its "
-        "30 trials are fewer configurations and fewer epochs than our 30 (epochs column).",
+        f"{hyperband_trials} trials are fewer configurations and fewer epochs than our "
+        f"{hyperband_trials} (epochs column).",
         *_fixed_cost_note(out),
         f"Per-epoch time of one configuration: {o['ours_epoch_s']:.3f} s inside our trial vs "
         f"{o['bare_epoch_s']:.3f} s for a bare `model.fit` on NumPy arrays (ratio "
