@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,18 +60,18 @@ def run(name: str, strategies: list[str] | None = None) -> int:
 
 def reading(s: dict, alpha: float = 0.05) -> str:
     """What one comparison's numbers say, in words generated from them: the leaders, how many
-    pairwise tests were significant, and what that count means with this many pairs."""
+    pairwise tests were significant (the summary's ``pairs``: each pair's p-values), and what
+    that count means with this many pairs."""
     def ttt(row: dict) -> float:
         return math.inf if row["time_to_target_median"] is None else row["time_to_target_median"]
 
     rows, repeats = s["rows"], s["repeats"]
     pairs = len(rows) * (len(rows) - 1) // 2
     fastest, best = min(rows, key=ttt), max(rows, key=lambda r: r["final_best_median"] or 0)
-    time_wins = sum("faster than" in line for line in s["verdict"])
-    final_wins = sum("higher final best" in line for line in s["verdict"])
-    smallest = [float(p) for line in s["verdict"] for p in re.findall(r"p=([0-9.e-]+)", line)]
+    p_values = {q: [p[q] for p in s["pairs"] if p[q] is not None] for q in ("p_time", "p_final")}
+    time_wins, final_wins = (sum(p < alpha for p in p_values[q]) for q in ("p_time", "p_final"))
     bonferroni, floor = alpha / max(pairs, 1), 2 / math.comb(2 * repeats, repeats)
-    survive = sum(p < bonferroni for p in smallest)
+    survive = sum(p < bonferroni for ps in p_values.values() for p in ps)
     lowest = "not reached" if math.isinf(ttt(fastest)) else f"{ttt(fastest):.1f} s"
     return (f"What the data says: the lowest median time to target is {fastest['strategy']}'s "
             f"({lowest}), the highest median final best {best['strategy']}'s "

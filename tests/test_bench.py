@@ -121,7 +121,7 @@ def _load(name: str):
 
 
 def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monkeypatch):
-    from mnist_opt.reporting.time_to_target import repeat_from_epochs, summary
+    from mnist_opt.reporting.time_to_target import pair_verdicts, repeat_from_epochs, summary
     from mnist_opt.reporting.time_to_target import Epoch
 
     strategies = _load("strategies")
@@ -139,7 +139,8 @@ def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monke
         "study": "mlp_tpe", "budget": {"seconds": 300, "epochs": None}, "workers": 2,
         "repeats": 1, "target": 0.85, "target_source": "--target", "date": "D",
         "machine": "M", "command": "mnist-opt compare mlp_tpe …", "rows": rows,
-        "verdict": ["tpe+hyperband vs random+none: too few repeats"]}))
+        "verdict": ["tpe+hyperband vs random+none: too few repeats"],
+        "pairs": pair_verdicts(results, 0.85)}))
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{strategies.README_START}\n{strategies.README_END}\nb\n")
     monkeypatch.setattr(strategies, "ROOT", tmp_path)
@@ -161,12 +162,11 @@ def test_the_reading_counts_significant_pairs_and_what_chance_gives():
     strategies = _load("strategies")
     rows = [{"strategy": name, "time_to_target_median": t, "final_best_median": f}
             for name, t, f in (("a", 30.0, 0.98), ("b", None, 0.99), ("c", 50.0, 0.97))]
-    verdict = ["a vs b: a reaches the target faster than b (p=0.0079); b reaches a higher "
-               "final best than a (p=0.024)", "a vs c: no significant difference in time to "
-               "target (p=0.3); no significant difference in final best (p=0.5)",
-               "b vs c: no significant difference in time to target (p=0.2); b reaches a "
-               "higher final best than c (p=0.0079)"]
-    text = strategies.reading({"rows": rows, "repeats": 5, "verdict": verdict})
+    # a vs b: both differ; a vs c: neither; b vs c: final best only
+    pairs = [{"a": a, "b": b, "p_time": t, "p_final": f}
+             for a, b, t, f in (("a", "b", 0.0079, 0.024), ("a", "c", 0.3, 0.5),
+                                ("b", "c", 0.2, 0.0079))]
+    text = strategies.reading({"rows": rows, "repeats": 5, "pairs": pairs})
     assert "lowest median time to target is a's (30.0 s)" in text
     assert "highest median final best b's (0.9900)" in text
     assert "1 differ significantly in time to target and 2 in final best" in text

@@ -377,12 +377,18 @@ def compare_pair(a: list[RepeatResult], b: list[RepeatResult], target: float,
                        verdict=f"{head}{time}; {final}")
 
 
+def pair_verdicts(results: Iterable[RepeatResult], target: float, alpha: float = ALPHA,
+                  min_repeats: int = MIN_REPEATS) -> list[PairVerdict]:
+    """:func:`compare_pair` of every pair of strategies, in order of first appearance."""
+    groups = by_strategy(results)
+    return [compare_pair(groups[a], groups[b], target, alpha, min_repeats)
+            for a, b in itertools.combinations(groups, 2)]
+
+
 def verdict(results: Iterable[RepeatResult], target: float, alpha: float = ALPHA,
             min_repeats: int = MIN_REPEATS) -> list[str]:
     """One line per pair of strategies (in order of first appearance): :func:`compare_pair`."""
-    groups = by_strategy(results)
-    return [compare_pair(groups[a], groups[b], target, alpha, min_repeats)["verdict"]
-            for a, b in itertools.combinations(groups, 2)]
+    return [p["verdict"] for p in pair_verdicts(results, target, alpha, min_repeats)]
 
 
 def _number(value: float | None, digits: int, unit: str = "") -> str:

@@ -43,7 +43,8 @@ from mnist_opt.errors import MnistOptError, StudyFailedError
 from mnist_opt.reporting.machine import describe
 from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.reporting.time_to_target import (default_target, epochs_of, markdown_table,
-                                                plot_curves, repeat_result, summary, verdict)
+                                                pair_verdicts, plot_curves, repeat_result,
+                                                summary)
 from mnist_opt.search.strategies import Budget, Repeat, write_study_file
 from mnist_opt.study.config import StudyConfig, section_changes
 from mnist_opt.tracking import runs as tracking
@@ -335,7 +336,8 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
     results = [repeat_result(study) for study in studies]
     target, source = _target(target, folder, results)
     rows = [dict(row) for row in summary(results, target)]
-    lines = verdict(results, target)
+    pairs = pair_verdicts(results, target)
+    lines = [p["verdict"] for p in pairs]
     table = markdown_table(rows)
     folder.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(results, folder, target=target)
@@ -379,7 +381,8 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
         "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "trials": budget.trials},
         "workers": workers,
         "repeats": repeats, "target": target, "target_source": source, "storage": url,
-        "mlflow_run_id": run_id, "rows": rows, "verdict": lines, "repeat_studies": details,
+        "mlflow_run_id": run_id, "rows": rows, "verdict": lines, "pairs": pairs,
+        "repeat_studies": details,
         "plots": [p.name for p in plots]}), indent=2) + "\n")
     files = [md, js, *plots]
     for path in files:
