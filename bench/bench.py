@@ -194,6 +194,7 @@ def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) ->
 
     command, out, strategies, results = one_compare(names, folder, db, 1)
     commands, verdict, folders = [command], list(out.verdict), [folder]
+    ours_workers = {mode: 1 for mode in pairs}
     if workers > 1:
         folders.append(folder.with_name(f"{folder.name}-auto"))
         auto, _, figures, auto_results = one_compare(
@@ -201,17 +202,19 @@ def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) ->
             out.target)
         label, theirs = f"{study_pair}, {workers} workers", pairs["out_of_the_box"][1]
         strategies[label] = figures[study_pair]
-        pairs["out_of_the_box"] = (label, theirs)
+        pairs["out_of_the_box"], ours_workers["out_of_the_box"] = (label, theirs), workers
         verdict.append(compare_pair(auto_results[study_pair], results[theirs], out.target,
                                     names=(label, theirs))["verdict"])
         commands.append(auto)
-    # which strategies each mode compares; its ratios are derived from the figures when
-    # rendered (ratio_figures), so the JSON holds each number once
-    modes = {mode: {"ours": ours, "keras_tuner": theirs} for mode, (ours, theirs) in pairs.items()}
+    # which strategies each mode compares, and with how many worker processes ours ran; its
+    # ratios are derived from the figures when rendered (ratio_figures), so the JSON holds
+    # each number once
+    modes = {mode: {"ours": ours, "keras_tuner": theirs, "ours_workers": ours_workers[mode]}
+             for mode, (ours, theirs) in pairs.items()}
     return {"study": work["study"], "title": work["title"], "command": "; ".join(commands),
             "trials": trials, "max_epochs": epochs, "train_subset": subset,
             "repeats": repeats, "target": out.target, "target_source": out.target_source,
-            "summary": ", ".join(f"{_shown(f)}/" for f in folders),
+            "summaries": [_shown(f) for f in folders],
             "verdict": verdict, "strategies": strategies, "modes": modes}
 
 
@@ -453,14 +456,14 @@ def _fixed_cost_note(out: dict) -> list[str]:
 
 def _workers_note(out: dict) -> str:
     """How many worker processes each side had (out of the box, ours may have several)."""
-    auto = sorted({m["ours"].split(", ")[1] for w in out["workloads"].values()
-                   for m in w["modes"].values() if ", " in m["ours"]})
+    auto = sorted({m.get("ours_workers", 1) for w in out["workloads"].values()
+                   for m in w["modes"].values()} - {1})
     if not auto:
         return "One worker process per repeat for both tools."
     return (f"One worker process per repeat for both tools, except ours out of the box: "
-            f"{' / '.join(auto)} (`--workers auto`, every usable core, as `make study` starts "
-            "it; keras-tuner has no local parallel mode), in a second compare at the first "
-            "one's target.")
+            f"{' / '.join(map(str, auto))} workers (`--workers auto`, every usable core, as "
+            "`make study` starts it; keras-tuner has no local parallel mode), in a second "
+            "compare at the first one's target.")
 
 
 def _target_source(source: str) -> str:
@@ -495,7 +498,7 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
         f"- machine: {out['machine']}",
         *[f"- {w['title']}: `{w['command']}`; target {w['target']:.4f} ({w['target_source']}); "
           "curves, table and per-repeat studies in "
-          + ", ".join(f"`{f.strip().rstrip('/')}/`" for f in w["summary"].split(","))
+          + ", ".join(f"`{folder}/`" for folder in w["summaries"])
           for w in out["workloads"].values()], "",
         "Timings on these machines are noisy and differ between machines: read the ratios, "
         "which compare runs inside this one invocation.", "",

@@ -71,7 +71,7 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
            "workloads": {"classic": {
                "title": "classic", "trials": 30, "max_epochs": 10, "target": 0.95,
                "target_source": "default_target: …", "command": "mnist-opt compare …",
-               "summary": "bench/results/classic", "repeats": 3,
+               "summaries": ["bench/results/classic"], "repeats": 3,
                "verdict": ["tpe+hyperband vs kt-hyperband: too few repeats", "a vs b: no",
                            "tpe+hyperband, 2 workers vs kt-defaults: too few repeats"],
                "strategies": {"tpe+hyperband": side, "kt-hyperband": theirs,
@@ -79,7 +79,8 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
                "modes": {"like_for_like": {"ours": "tpe+hyperband",
                                            "keras_tuner": "kt-hyperband"},
                          "out_of_the_box": {"ours": "tpe+hyperband, 2 workers",
-                                            "keras_tuner": "kt-defaults"}}}},
+                                            "keras_tuner": "kt-defaults",
+                                            "ours_workers": 2}}}},
            "overhead": {"ours_epoch_s": 0.5, "bare_epoch_s": 0.8, "ratio": 0.625, "epochs": 6},
            "memory": {
                "one_process": {"trials": 3, "processes": 1,
