@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results lr-find predict compare list check docs test test-fast bench bench-quick bench-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results lr-find predict compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -89,6 +89,12 @@ bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, like for like and out of the
 
 bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials, 2 repeats), in bench/work-quick/
 	$(BIN)/python bench/bench.py --quick $(ARGS)
+
+bench-throughput: install  ## trial-epochs per second of make study with 1 worker and every core, and a worker's replacement cost (3 rounds; ~20 min)
+	$(BIN)/python bench/throughput.py $(ARGS)
+
+throughput-results: install  ## rewrite bench/results/throughput.md and the README's throughput section from throughput.json
+	$(BIN)/python bench/throughput.py --render
 
 strategies: install  ## the shipped studies' strategy comparisons into bench/results/compare/ (hours; resumable): [ARGS="--only mlp_tpe"]
 	$(BIN)/python bench/strategies.py $(ARGS)

@@ -2,14 +2,20 @@
 
 Defined once, for every figure that quotes it: a finished trial's wall time (Optuna's start to
 its completion; MLflow's logging is synchronous here, so it is done by then) minus the epochs
-it trained × its steady-state epoch time, the median time between two consecutive epoch ends.
-What remains is building and compiling the model, tracing, the first epoch's extra time, and
-the logging and storage calls around the trial. A trial needs two completed epochs to have a
-steady state; trials with fewer are left out, and counted.
+it trained × its steady-state epoch time, the mean time between two consecutive epoch ends.
+What remains is sampling the trial's parameters, building and compiling the model, tracing,
+the first epoch's extra time, and the logging and storage calls around the trial. The mean,
+not the median: then the fixed cost is exactly the time before the first epoch's steady share
+and after the last epoch, and an epoch slowed by the other workers (a start-up beside it)
+counts as training, not as this trial's fixed cost once per later epoch. A trial needs two
+completed epochs to have a steady state; trials with fewer are left out, and counted.
+
+Outside any trial, a worker process also spends time: its start-up (importing TensorFlow,
+loading the data) each time it is replaced, and the storage and callback calls between two
+trials. :func:`outside_trials` measures that per finished trial.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -29,7 +35,7 @@ def fixed_cost(trial: optuna.trial.FrozenTrial) -> float | None:
     ends = [t for t, _ in trial.user_attrs.get("epoch_log", ())]
     if len(ends) < 2 or trial.datetime_start is None or trial.datetime_complete is None:
         return None
-    steady = statistics.median(np.diff(ends))
+    steady = float(np.mean(np.diff(ends)))
     wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
     return wall - epochs_trained(trial) * steady
 
@@ -55,3 +61,19 @@ def fixed_costs(trials: Iterable[optuna.trial.FrozenTrial]) -> FixedCosts:
                 and t.state != optuna.trial.TrialState.FAIL]
     values = [c for c in map(fixed_cost, finished) if c is not None]
     return FixedCosts(values, len(finished) - len(values))
+
+
+def outside_trials(trials: Iterable[optuna.trial.FrozenTrial], workers: int) -> float | None:
+    """Worker seconds spent outside any trial while trials were still to start, per finished
+    trial: ``workers`` × the time from the first trial's start to the last one's, minus the
+    trials' time inside that window, over the number of finished trials. Process start-ups
+    and the calls between two trials; not the end of a study, where workers run out of
+    trials unevenly. None without two finished trials."""
+    done = [t for t in trials if t.datetime_start and t.datetime_complete]
+    if len(done) < 2:
+        return None
+    first = min(t.datetime_start for t in done)
+    last = max(t.datetime_start for t in done)
+    busy = sum((min(t.datetime_complete, last) - t.datetime_start).total_seconds()
+               for t in done if t.datetime_start < last)
+    return (workers * (last - first).total_seconds() - busy) / len(done)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import psutil
 
-# What one worker process holds at most: TensorFlow, the data as tensors and up to
-# trials_per_worker models (make bench's memory figure: about 1.5 GB after its trials).
-WORKER_BYTES = 1536 * 2**20
+# What one worker process holds at most: TensorFlow, the data as tensors and what up to
+# trials_per_worker (20) models leak: about 1.5 GB after its first trial, then 15-25 MB more
+# per trial (the trials' rss_mb; make bench's memory figure).
+WORKER_BYTES = 2 * 2**30
 CGROUP = Path("/sys/fs/cgroup")
 
 

@@ -100,7 +100,10 @@ class SearchConfig(_Strict):
     # With --workers, a worker process is replaced after this many trials: TensorFlow keeps
     # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
     # process is the one cure that works.
-    trials_per_worker: int = Field(6, ge=1)
+    # A worker process is replaced after this many trials: TensorFlow leaks traced graphs per
+    # model, and a new process frees them, but its start-up (import, data) costs seconds
+    # (`make bench-throughput` measures both sides; cores.WORKER_BYTES holds the growth).
+    trials_per_worker: int = Field(20, ge=1)
     # A study whose trials keep failing stops instead of burning its budget (keras-tuner's
     # max_consecutive_failed_trials, also 3): failed trials in a row, in completion order.
     max_consecutive_failures: int = Field(3, ge=1)
