@@ -20,18 +20,26 @@ def study_split(cfg: StudyConfig) -> data.Split:
                       cfg.search_subset)
 
 
+_IMPORTS_FROZEN = False
+
+
 def fresh_model(params: dict[str, Any], seed: int, freeze: bool = False) -> keras.Model:
     """A new model for ``params``, initialised from ``seed``, in a fresh Keras session.
 
-    Clearing the session gives fresh layer names and lets the last model be collected.
-    ``freeze`` (short-lived worker processes only): freeze what survives the collection, so
-    later collections scan one trial's objects, not every graph TensorFlow leaked; a
-    long-lived process must not, since frozen objects that die later are never freed.
+    Clearing the session gives fresh layer names and lets the last model be collected. A
+    full collection scans every object the process holds, about 0.4 s once TensorFlow is
+    imported (``bench/trial_phases.py --long-lived``), so what survives the first one (the
+    imported modules, the data: they live as long as the process) is frozen out of later
+    scans. ``freeze`` (short-lived worker processes only): freeze what survives every
+    collection, so later ones scan one trial's objects, not every graph TensorFlow leaked;
+    a long-lived process must not, since frozen objects that die later are never freed.
     """
+    global _IMPORTS_FROZEN
     keras.backend.clear_session(free_memory=False)
     gc.collect()
-    if freeze:
+    if freeze or not _IMPORTS_FROZEN:
         gc.freeze()
+        _IMPORTS_FROZEN = True
     keras.utils.set_random_seed(seed)
     return build_model(params)
 
