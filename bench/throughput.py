@@ -66,8 +66,11 @@ def study_file(work: Path, per_worker: int | None) -> Path:
 
 
 def command(path: Path, workers: int, db: Path) -> list[str]:
-    return ["mnist-opt", "study", str(path), "--workers", str(workers), "--n-trials", str(TRIALS),
-            "--max-epochs", str(EPOCHS), "--storage", f"sqlite:///{db}", "--quiet"]
+    """The ``mnist-opt study`` command of one run (run from the repository root)."""
+    shown = [p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in (path, db)]
+    return ["mnist-opt", "study", str(shown[0]), "--workers", str(workers),
+            "--n-trials", str(TRIALS), "--max-epochs", str(EPOCHS),
+            "--storage", f"sqlite:///{shown[1]}", "--quiet"]
 
 
 def measure(path: Path, workers: int, db: Path) -> dict:
@@ -124,7 +127,7 @@ def run(rounds: int) -> dict:
     return {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": describe(), "rounds": rounds, "workers": n,
             "command": f"make bench-throughput (python bench/throughput.py --rounds {rounds})",
-            "each_run": {label: shlex.join(command(path, w, Path("run.db")))
+            "each_run": {label: shlex.join(command(path, w, work / "run.db"))
                          for label, (w, _) in labels.items()},
             "settings": {label: {key: _spread([run[key] for run in rs]) for key in rs[0]}
                          for label, rs in runs.items()}}
@@ -156,7 +159,9 @@ def render(out: dict, readme: bool = True) -> int:
         f"{out['started']} to {out['finished']}, on {out['machine']}. Each run: "
         f"`{out['each_run']['1 worker']}` and the same with `--workers {out['workers']}`, "
         f"{TRIALS} finished trials of at most {EPOCHS} epochs on the full training set, timed "
-        "from the process start to its exit.", "",
+        "from the process start to its exit. One worker runs the trials in the command's own "
+        "process with TensorFlow's default threads (every core); each of several workers is a "
+        "process with one thread.", "",
         table(out), "", ratios(out), ""])
     (RESULTS / "throughput.md").write_text("# Throughput of mnist-opt study\n\n" + text)
     print(text)
