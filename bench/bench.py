@@ -150,8 +150,7 @@ def _figures(todo: list, storage: str, target: float, epochs: int) -> tuple[dict
         fig["test_acc"].append(r.test_accuracy)
         fig["epochs"].append(r.epochs)
         fig["trials"].append(r.n_complete + r.n_pruned + r.n_failed)
-        costs = fixed_costs(study.get_trials(deepcopy=False)).values  # the repeat's median
-        fig["fixed_cost_s"].append(statistics.median(costs) if costs else None)
+        fig["fixed_cost_s"].append(fixed_costs(study.get_trials(deepcopy=False)).median)
     return {name: {k: _spread(v) for k, v in fig.items()} for name, fig in per.items()}, results
 
 

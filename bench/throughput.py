@@ -28,13 +28,12 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench import _cell, _spread
+from bench import _cell, _shown, _spread
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -67,10 +66,9 @@ def study_file(work: Path, per_worker: int | None) -> Path:
 
 def command(path: Path, workers: int, db: Path) -> list[str]:
     """The ``mnist-opt study`` command of one run (run from the repository root)."""
-    shown = [p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in (path, db)]
-    return ["mnist-opt", "study", str(shown[0]), "--workers", str(workers),
+    return ["mnist-opt", "study", _shown(path), "--workers", str(workers),
             "--n-trials", str(TRIALS), "--max-epochs", str(EPOCHS),
-            "--storage", f"sqlite:///{shown[1]}", "--quiet"]
+            "--storage", f"sqlite:///{_shown(db)}", "--quiet"]
 
 
 def measure(path: Path, workers: int, db: Path) -> dict:
@@ -87,10 +85,8 @@ def measure(path: Path, workers: int, db: Path) -> dict:
     study = optuna.load_study(study_name=path.stem, storage=f"sqlite:///{db}")
     trials = study.get_trials(deepcopy=False)
     epochs = sum(epochs_trained(t) for t in trials)
-    costs = fixed_costs(trials).values
     return {"wall_s": wall, "trials": len(trials), "epochs": epochs,
-            "epochs_per_s": epochs / wall,
-            "fixed_cost_s": statistics.median(costs) if costs else None,
+            "epochs_per_s": epochs / wall, "fixed_cost_s": fixed_costs(trials).median,
             "outside_s": outside_trials(trials, workers),
             "processes": len({t.user_attrs.get("pid") for t in trials}),
             "best_val": study.best_value}

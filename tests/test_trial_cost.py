@@ -59,5 +59,6 @@ def test_trials_without_a_steady_state_are_left_out_and_counted():
     costs = fixed_costs([_trial(TS.COMPLETE, 20, [7, 9, 13]), _trial(TS.PRUNED, 9, [8]),
                          _trial(TS.FAIL, 3, [])])
     assert costs.values == pytest.approx([11]) and costs.left_out == 1
+    assert costs.median == pytest.approx(11) and fixed_costs([]).median is None
     assert "median 11.00 s" in costs.line() and "left out: 1 with fewer" in costs.line()
     assert "no trial has two completed epochs" in fixed_costs([]).line()

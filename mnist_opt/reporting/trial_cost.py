@@ -45,6 +45,11 @@ class FixedCosts:
     values: list[float]  # one per trial that has a steady state
     left_out: int  # finished trials with fewer than two epochs
 
+    @property
+    def median(self) -> float | None:
+        """The median fixed cost; None when no trial has a steady state."""
+        return float(np.median(self.values)) if self.values else None
+
     def line(self) -> str:
         """``fixed cost per trial: median 2.1 s [IQR 1.8, 2.6] over 12 trials (…)``."""
         if not self.values:
