@@ -210,7 +210,10 @@ def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) ->
     # each number once
     modes = {mode: {"ours": ours, "keras_tuner": theirs, "ours_workers": ours_workers[mode]}
              for mode, (ours, theirs) in pairs.items()}
+    from mnist_opt.data import provenance
+
     return {"study": work["study"], "title": work["title"], "command": "; ".join(commands),
+            "data": provenance(cfg.dataset),
             "trials": trials, "max_epochs": epochs, "train_subset": subset,
             "repeats": repeats, "target": out.target, "target_source": out.target_source,
             "summaries": [_shown(f) for f in folders],
@@ -375,20 +378,21 @@ def comparison_table(out: dict) -> str:
     from each strategy's per-repeat values (so ``--render`` applies today's definitions)."""
     lines = ["| workload | mode | strategies (ours vs keras-tuner) | **time-to-target ratio** "
              "(ratio of medians; range over all pairs of repeats that reached) | reached "
-             "(ours, kt) | wall ratio, full budget | time to target, s | best val | final val "
-             "| test acc (retrained best) | epochs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(ours, kt) | wall ratio, full budget | epochs ratio, full budget | time to "
+             "target, s | best val | final val | test acc (retrained best) | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in out["workloads"].values():
         for mode, m in w["modes"].items():
             a, b = w["strategies"][m["ours"]], w["strategies"][m["keras_tuner"]]
             ttt, wall = ratio_figures(a, b), ratio_figures(a, b, "wall_s")
+            epochs = ratio_figures(a, b, "epochs")
             lines.append(
                 f"| {w['title']}, {w['trials']} trials, ≤{w['max_epochs']} epochs, target "
                 f"{w['target']:.4f} | {mode.replace('_', ' ')} | {m['ours']} vs "
                 f"{m['keras_tuner']} | {_headline(ttt)} | "
                 f"{ttt['reached'][0]}/{ttt['reached'][1]}, "
                 f"{ttt['reached_theirs'][0]}/{ttt['reached_theirs'][1]} | "
-                f"{_f(wall['ratio'], 2)} | "
+                f"{_f(wall['ratio'], 2)} | {_f(epochs['ratio'], 2)} | "
                 f"{_cell(a['time_to_target'], 0)} vs {_cell(b['time_to_target'], 0)} | "
                 f"{_cell(a['best_val'])} vs {_cell(b['best_val'])} | "
                 f"{_cell(a['final_val'])} vs {_cell(b['final_val'])} | "
@@ -424,7 +428,10 @@ def _notes(out: dict) -> list[str]:
         "Hyperband counts each round of a bracket as a trial and resumes a promoted "
         "configuration from its checkpoint (on Keras 3 without the optimizer's state), so its "
         f"{hyperband_trials} trials are fewer configurations and fewer epochs than our "
-        f"{hyperband_trials} (epochs column).",
+        f"{hyperband_trials} (epochs ratio column: the full-budget wall ratio compares "
+        "unequal amounts of training; time to target does not depend on the budget's end).",
+        "Data: " + "; ".join(f"{w['title'].split(' (')[0]}: {w['data']}"
+                             for w in out["workloads"].values()) + ".",
         *_fixed_cost_note(out),
         f"Per-epoch time of one configuration: {o['ours_epoch_s']:.3f} s inside our trial vs "
         f"{o['bare_epoch_s']:.3f} s for a bare `model.fit` on NumPy arrays (ratio "
@@ -495,7 +502,8 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
         "`latest.json`)",
         f"- started: {out['started']}, finished: {out['finished']}",
         f"- machine: {out['machine']}",
-        *[f"- {w['title']}: `{w['command']}`; target {w['target']:.4f} ({w['target_source']}); "
+        *[f"- {w['title']}: `{w['command']}`; data: {w['data']}; "
+          f"target {w['target']:.4f} ({w['target_source']}); "
           "curves, table and per-repeat studies in "
           + ", ".join(f"`{folder}/`" for folder in w["summaries"])
           for w in out["workloads"].values()], "",

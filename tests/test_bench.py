@@ -70,6 +70,7 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
     out = {"command": "make bench", "started": "s", "finished": "f", "machine": "m",
            "workloads": {"classic": {
                "title": "classic", "trials": 30, "max_epochs": 10, "target": 0.95,
+               "data": "fashion-mnist (the offline copy: …)",
                "target_source": "default_target: …", "command": "mnist-opt compare …",
                "summaries": ["bench/results/classic"], "repeats": 3,
                "verdict": ["tpe+hyperband vs kt-hyperband: too few repeats", "a vs b: no",
@@ -98,7 +99,9 @@ def test_render_replaces_only_the_readme_block(bench, tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     # ratio of medians 12/24; pairs 10/24 … 14/20; keras-tuner reached 2 of 3
-    assert "**0.50** (0.42–0.70 over all pairs) | 3/3, 2/3 |" in text
+    # epochs ratio 120/120 beside the wall ratio 110/110
+    assert "**0.50** (0.42–0.70 over all pairs) | 3/3, 2/3 | 1.00 | 1.00 |" in text
+    assert "Data: classic: fashion-mnist (the offline copy: …)." in text
     assert "| like for like |" in text and "chosen after the fact" in text
     assert "- classic: tpe+hyperband vs kt-hyperband: too few repeats" in text
     assert "a vs b" not in text  # only the pairs the table shows

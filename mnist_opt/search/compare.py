@@ -39,6 +39,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from mnist_opt import interrupt
+from mnist_opt.data import provenance
 from mnist_opt.errors import MnistOptError, StudyFailedError
 from mnist_opt.reporting.machine import describe
 from mnist_opt.reporting.trial_cost import epochs_trained
@@ -360,7 +361,7 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
         f"- budget: {budget}; {workers} worker process{'es' * (workers != 1)} per repeat",
         f"- repeats: {repeats} per strategy, seeds {cfg.search.seed}…"
         f"{cfg.search.seed + repeats - 1} (the same for every strategy), one repeat at a time",
-        f"- data: {cfg.dataset}, train_subset {plan[0].config.data.train_subset}, "
+        f"- data: {provenance(cfg.dataset)}, train_subset {plan[0].config.data.train_subset}, "
         f"≤{plan[0].config.training.max_epochs} epochs per trial",
         f"- target: validation accuracy {target:.4f} ({source})",
         f"- storage: {url}; MLflow: experiment compare-{cfg.name}, run {run_id}", "",

@@ -3,11 +3,13 @@
 Small Keras models are bound by per-step overhead, not arithmetic: on 2 cores, two
 single-threaded trials at once give nearly twice the throughput of one 2-thread trial.
 The parent process creates storage, study, experiment and parent run first; each worker
-gets a share of the missing trials, its own sampler seed and ``cores // workers`` threads.
+claims the missing trials one at a time from a shared count, and has its own sampler seed
+and ``cores // workers`` threads.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
@@ -24,15 +26,62 @@ if TYPE_CHECKING:
     from mnist_opt.search.progress import StudyProgress
 
 
-def quotas(remaining: int, workers: int) -> list[int]:
-    """Split ``remaining`` trials as evenly as possible: the total is exactly the target."""
-    return [remaining // workers + (i < remaining % workers) for i in range(workers)]
+class TrialClaims:
+    """How many trials this invocation's worker processes started, out of how many, in a
+    file they share under an exclusive lock: each process claims a trial before it starts
+    one, so together they start exactly the missing trials however unevenly their trials
+    run (fixed shares left a worker idle while another still had several to run).
+
+    The file holds two integers, ``limit claimed``."""
+
+    def __init__(self, path: Path, limit: int | None = None):
+        self.path = path
+        if limit is not None:
+            path.write_text(f"{limit} 0")
+
+    def _read(self, fh) -> tuple[int, int]:
+        fh.seek(0)
+        limit, claimed = map(int, fh.read().split())
+        return limit, claimed
+
+    def claim(self) -> bool:
+        """One more trial may start (counted), or the limit is reached (False)."""
+        with open(self.path, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+            limit, claimed = self._read(fh)
+            if claimed >= limit:
+                return False
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{limit} {claimed + 1}")
+            return True
+
+    def left(self) -> int:
+        """Trials not claimed yet."""
+        with open(self.path) as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            limit, claimed = self._read(fh)
+        return limit - claimed
+
+    def claim_next(self, n_trials: int):
+        """An Optuna callback for a process that claimed its first trial and may run
+        ``n_trials``: claim the next before it starts, or stop the process."""
+        done = 0
+
+        def callback(study, trial) -> None:
+            nonlocal done
+            done += 1
+            if done < n_trials and not self.claim():
+                study.stop()
+
+        return callback
 
 
 def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: int,
                 verbose: bool, progress: StudyProgress | None = None,
                 stopped: Callable[[], bool] = lambda: False) -> None:
-    """Keep ``workers`` processes busy until each slot has run its share of trials.
+    """Keep ``workers`` processes busy until they have started ``remaining`` trials between
+    them (:class:`TrialClaims`).
 
     A slot's process is replaced after ``cfg.search.trials_per_worker`` trials (TensorFlow
     leaks traced graphs per model; a fresh process frees them), with a new sampler seed and
@@ -42,28 +91,26 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
     """
     threads = max(1, usable_cpus() // workers)
     deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
-    shares = quotas(remaining, workers)
     procs: list[subprocess.Popen | None] = [None] * workers
-    given = [0] * workers  # trials handed to the slot's current process
     spawned, failed = 0, []
     with tempfile.TemporaryDirectory(prefix="mnist_opt_") as tmp:
         config = Path(tmp) / "study.json"
         config.write_text(cfg.model_dump_json())
+        claims = TrialClaims(Path(tmp) / "claims", remaining)
 
         def spawn(slot: int) -> None:
             nonlocal spawned
-            given[slot] = min(shares[slot], cfg.search.trials_per_worker)
             left = None if deadline is None else max(1, int(deadline - time.monotonic()))
             procs[slot] = subprocess.Popen(
                 [sys.executable, "-m", "mnist_opt.search.workers", str(config), "--storage", storage,
-                 "--parent-run-id", parent_run_id, "--n-trials", str(given[slot]),
-                 "--index", str(spawned), "--threads", str(threads),
+                 "--parent-run-id", parent_run_id,
+                 "--n-trials", str(min(remaining, cfg.search.trials_per_worker)),
+                 "--claims", str(claims.path), "--index", str(spawned), "--threads", str(threads),
                  *(["--timeout", str(left)] if left else []), *(["-v"] if verbose else [])])
             spawned += 1
 
-        for slot in range(workers):
-            if shares[slot]:
-                spawn(slot)
+        for slot in range(min(workers, remaining)):
+            spawn(slot)
         (progress.write if progress else print)(
             f"{sum(p is not None for p in procs)} workers started "
             f"(pids {', '.join(str(p.pid) for p in procs if p)}), {threads} thread(s) each, "
@@ -80,10 +127,9 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
                     if proc is None or proc.poll() is None:
                         continue
                     procs[slot] = None
-                    shares[slot] -= given[slot]
                     if proc.returncode:
                         failed.append(proc.returncode)
-                    elif (shares[slot] > 0 and (deadline is None or time.monotonic() < deadline)
+                    elif (claims.left() > 0 and (deadline is None or time.monotonic() < deadline)
                           and not stopped()):
                         spawn(slot)
         except KeyboardInterrupt:
@@ -98,8 +144,9 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
 
 
 def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: int,
-         verbose: bool, timeout: int | None = None) -> None:
-    """One worker: load the data once, join the study, run its share of trials."""
+         verbose: bool, timeout: int | None = None, claims: Path | None = None) -> None:
+    """One worker: load the data once, join the study, run up to ``n_trials`` trials, each
+    claimed from ``claims`` first when given."""
     import mlflow
     import optuna
 
@@ -123,7 +170,11 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     split = study_split(cfg)
     tracking.configure()
     # a short-lived process: freezing after each trial's collection is safe and cheap here
-    optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose, freeze=True)
+    shared = TrialClaims(claims) if claims else None
+    if shared and not shared.claim():
+        return  # the other workers started the last trials while this one was starting
+    optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose,
+             [shared.claim_next(n_trials)] if shared else (), freeze=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int)
+    parser.add_argument("--claims", type=Path, help="the TrialClaims file of run_workers")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     interrupt.install()
@@ -151,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     try:
         work(args.config, args.storage, args.parent_run_id, args.n_trials, args.index, args.verbose,
-             args.timeout)
+             args.timeout, args.claims)
     except KeyboardInterrupt:
         return 130
     return 0
