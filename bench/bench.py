@@ -329,9 +329,10 @@ def main() -> int:
     folders = (work / "compare") if args.quick else RESULTS
     path = (work if args.quick else RESULTS) / "latest.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    from mnist_opt.reporting.machine import describe
+    from mnist_opt.reporting.machine import code_version, describe
 
     out = {"command": command, "started": started, "machine": describe(), "quick": args.quick,
+           "code": code_version(),
            "workloads": {**{k: v for k, v in old.get("workloads", {}).items()
                             if k not in args.workloads}}}
     for key in args.workloads:
@@ -428,9 +429,10 @@ def _notes(out: dict) -> list[str]:
         "Hyperband counts each round of a bracket as a trial and resumes a promoted "
         "configuration from its checkpoint (on Keras 3 without the optimizer's state), so its "
         f"{hyperband_trials} trials are fewer configurations and fewer epochs than our "
-        f"{hyperband_trials} (epochs ratio column: the full-budget wall ratio compares "
-        "unequal amounts of training; time to target does not depend on the budget's end).",
-        "Data: " + "; ".join(f"{w['title'].split(' (')[0]}: {w['data']}"
+        f"{hyperband_trials} (epochs ratio column): the full-budget wall ratio compares "
+        "unequal amounts of training, and a keras-tuner repeat that has not reached the target "
+        "when its smaller budget ends counts as not reached.",
+        "Data: " + "; ".join(f"{w['title'].split(' (')[0]}: {w.get('data', 'not recorded')}"
                              for w in out["workloads"].values()) + ".",
         *_fixed_cost_note(out),
         f"Per-epoch time of one configuration: {o['ours_epoch_s']:.3f} s inside our trial vs "
@@ -501,8 +503,8 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
         "root; `python bench/bench.py --render` rewrites this file and the README section from "
         "`latest.json`)",
         f"- started: {out['started']}, finished: {out['finished']}",
-        f"- machine: {out['machine']}",
-        *[f"- {w['title']}: `{w['command']}`; data: {w['data']}; "
+        f"- machine: {out['machine']}; code: {out.get('code', 'not recorded')}",
+        *[f"- {w['title']}: `{w['command']}`; data: {w.get('data', 'not recorded')}; "
           f"target {w['target']:.4f} ({w['target_source']}); "
           "curves, table and per-repeat studies in "
           + ", ".join(f"`{folder}/`" for folder in w["summaries"])

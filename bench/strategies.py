@@ -101,7 +101,8 @@ def section(summaries: list[dict]) -> str:
                   f"{spent} of search each, {s['workers']} worker processes per repeat, target "
                   f"validation accuracy {s['target']:.4f} ("
                   f"{'fixed before the run' if s['target_source'] == '--target' else s['target_source']}); "
-                  f"{s['date']}, {s['machine']}; `{s['command']}`; details in "
+                  f"ran {s.get('ran', s['date'])}, {s['machine']}; data: "
+                  f"{s.get('data', 'not recorded')}; `{s['command']}`; details in "
                   f"[`{s['folder']}/summary.md`]({s['folder']}/summary.md).", "",
                   markdown_table(s["rows"]).rstrip("\n"), "",
                   *[f"- {line}" for line in s["verdict"]], "", reading(s), ""]

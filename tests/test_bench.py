@@ -142,7 +142,7 @@ def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monke
     (folder / "summary.json").write_text(json.dumps({
         "study": "mlp_tpe", "budget": {"seconds": 300, "epochs": None}, "workers": 2,
         "repeats": 1, "target": 0.85, "target_source": "--target", "date": "D",
-        "machine": "M", "command": "mnist-opt compare mlp_tpe …", "rows": rows,
+        "ran": "R", "data": "fashion-mnist (the offline copy: …)", "machine": "M", "command": "mnist-opt compare mlp_tpe …", "rows": rows,
         "verdict": ["tpe+hyperband vs random+none: too few repeats"],
         "pairs": pair_verdicts(results, 0.85)}))
     readme = tmp_path / "README.md"
@@ -154,6 +154,7 @@ def test_the_strategies_section_comes_from_the_compare_summaries(tmp_path, monke
     assert ("**mlp_tpe**: 2 strategies (a part: 2 of the 6 planned; the others not run yet) × 1 "
             "repeats, 300 s of search each") in text
     assert "target validation accuracy 0.8500 (fixed before the run)" in text
+    assert "ran R, M; data: fashion-mnist (the offline copy: …);" in text
     assert "| tpe+hyperband | 1 | 0.9000" in text and "| random+none | 1 | 0.8000" in text
     assert "| 10.0 s [10.0, 10.0] |" in text  # tpe+hyperband reached 0.85 at its second epoch
     assert "- tpe+hyperband vs random+none: too few repeats" in text

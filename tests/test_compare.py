@@ -122,6 +122,10 @@ def test_two_strategies_two_repeats_give_curves_a_table_and_a_verdict(stores, tm
     assert "too few repeats" in md and "| strategy |" in md and report["command"] in md
     assert "--retrain" in report["command"] and "test acc: median [min, max]" in md
     assert f"{os.cpu_count()} cores" in md and "Python " in md
+    # when the repeats ran, on which code (recorded as each started) and which data
+    assert report["code"].endswith("(4 repeats)") and report["code"].startswith("git ")
+    assert " UTC to " in report["ran"] and f"- ran: {report['ran']}" in md
+    assert report["data"] == "mnist" and "- data: mnist, train_subset 600" in md
 
     # the table's numbers, recomputed from the storage's trials
     repeats = _repeats(stores["storage"])

@@ -41,7 +41,7 @@ from mlflow.tracking import MlflowClient
 from mnist_opt import interrupt
 from mnist_opt.data import provenance
 from mnist_opt.errors import MnistOptError, StudyFailedError
-from mnist_opt.reporting.machine import describe
+from mnist_opt.reporting.machine import code_version, describe
 from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.reporting.time_to_target import (default_target, epochs_of, markdown_table,
                                                 pair_verdicts, plot_curves, repeat_result,
@@ -212,7 +212,7 @@ def _run_repeat(repeat: Repeat, storage: optuna.storages.BaseStorage, url: str, 
                                 directions=repeat.config.directions)
     for key, value in {"compare_strategy": repeat.strategy.label, "compare_repeat": repeat.index,
                        "compare_setup": _setup(repeat, workers),
-                       "compare_owner": owner_attrs()}.items():
+                       "compare_owner": owner_attrs(), "compare_code": code_version()}.items():
         study.set_user_attr(key, value)
     log = folder / "logs" / f"{repeat.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +328,25 @@ def _target(given: float | None, folder: Path, results: list) -> tuple[float, st
         "--target")
 
 
+def _ran(studies: list[optuna.Study]) -> str:
+    """When the repeats ran: the first one's process start to the last one's exit (UTC)."""
+    spans = [(a["compare_clock_start"], a["compare_clock_start"] + a["compare_wall_s"])
+             for a in (s.user_attrs for s in studies)
+             if "compare_clock_start" in a and "compare_wall_s" in a]
+    if not spans:
+        return "unknown"
+    shown = [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+             for t in (min(a for a, _ in spans), max(b for _, b in spans))]
+    return " to ".join(shown)
+
+
+def _codes(studies: list[optuna.Study]) -> str:
+    """The code each repeat ran (recorded as it started), with how many repeats each."""
+    codes = [s.user_attrs.get("compare_code", "not recorded") for s in studies]
+    return ", ".join(f"{c} ({codes.count(c)} repeat{'s' * (codes.count(c) != 1)})"
+                     for c in dict.fromkeys(codes))
+
+
 def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseStorage,
             budget: Budget, workers: int, url: str, target: float | None, command: str,
             folder: Path, run_id: str) -> Outcome:
@@ -345,6 +364,7 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
     repeats = max(r.index for r in plan) + 1
     machine = describe()
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    ran, code, data = _ran(studies), _codes(studies), provenance(cfg.dataset)
     # each repeat's epochs, so that the report can be recomputed without the storage
     details = [{"study": r.name, "strategy": r.strategy.label, "repeat": r.index, "seed": r.seed,
                 "wall_s": s.user_attrs.get("compare_wall_s"), "trials": _line(s),
@@ -357,11 +377,12 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
     md = folder / "summary.md"
     md.write_text("\n".join([
         f"# Comparing strategies on {cfg.name}", "",
-        f"- command: `{command}`", f"- machine: {machine}", f"- date: {date}",
+        f"- command: `{command}`", f"- machine: {machine}",
+        f"- ran: {ran} (repeats' first start to last end); reported: {date}; code: {code}",
         f"- budget: {budget}; {workers} worker process{'es' * (workers != 1)} per repeat",
         f"- repeats: {repeats} per strategy, seeds {cfg.search.seed}…"
         f"{cfg.search.seed + repeats - 1} (the same for every strategy), one repeat at a time",
-        f"- data: {provenance(cfg.dataset)}, train_subset {plan[0].config.data.train_subset}, "
+        f"- data: {data}, train_subset {plan[0].config.data.train_subset}, "
         f"≤{plan[0].config.training.max_epochs} epochs per trial",
         f"- target: validation accuracy {target:.4f} ({source})",
         f"- storage: {url}; MLflow: experiment compare-{cfg.name}, run {run_id}", "",
@@ -378,7 +399,8 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
           for d in details], ""]))
     js = folder / "summary.json"
     js.write_text(json.dumps(_clean({
-        "study": cfg.name, "command": command, "machine": machine, "date": date,
+        "study": cfg.name, "command": command, "machine": machine, "date": date, "ran": ran,
+        "code": code, "data": data,
         "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "trials": budget.trials},
         "workers": workers,
         "repeats": repeats, "target": target, "target_source": source, "storage": url,
