@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results lr-find predict compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results calibrate lr-find predict compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -55,6 +55,9 @@ report: install  ## top trials + Optuna plots (HTML, PNG) in reports/NAME/: make
 
 results: install  ## write the README results table from the MLflow runs of study + retrain
 	$(BIN)/mnist-opt results --update README.md
+
+calibrate: install  ## time each model family under TensorFlow and JAX for training.backend: auto (minutes): [ARGS="--families mlp"]
+	$(BIN)/mnist-opt calibrate $(ARGS)
 
 lr-find: install  ## LR range test, suggested learning_rate range: make lr-find NAME=mlp_tpe [ARGS=--apply]
 	$(BIN)/mnist-opt lr-find $(NAME) $(ARGS)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests read the real datasets; CI points MNIST_OPT_DATA at ../shared/data.
 os.environ.setdefault("MNIST_OPT_DATA", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A cache of our own: a developer's `mnist-opt calibrate` must not switch the tests' studies
+# (training.backend: auto) to another backend; the tests that need one plant it.
+os.environ["MNIST_OPT_CACHE"] = tempfile.mkdtemp(prefix="mnist_opt_test_cache_")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

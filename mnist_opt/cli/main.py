@@ -18,6 +18,7 @@ from mnist_opt import interrupt
 from mnist_opt.cli import check, compare
 from mnist_opt.errors import MnistOptError, StudyFailedError, StudyFileError
 from mnist_opt.study.config import find_study, known_studies, load_config, studies_dir, with_overrides
+from mnist_opt.training.calibrate import FAMILIES
 
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +38,19 @@ def _config(args: argparse.Namespace):
             raise StudyFileError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     cfg = with_overrides(find_study(args.name), args.n_trials, args.timeout, args.max_epochs,
                          args.train_subset)
+    if args.command in TRAINS:  # before anything imports Keras, which fixes its backend
+        from mnist_opt.training.backend import apply, choose
+
+        backend, args.backend = choose(cfg)
+        apply(backend)
     _heavy(args)  # only now: a bad name or file is refused at once, without TensorFlow
     return cfg
 
 
 # The commands that load TensorFlow (results: through MLflow's Keras flavour).
 HEAVY = ("study", "retrain", "results", "predict", "lr-find")
+# The commands that train a study's models, on the backend its training.backend chooses.
+TRAINS = ("study", "retrain", "lr-find")
 
 
 def _heavy(args: argparse.Namespace) -> None:
@@ -148,7 +156,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     print(f"study {cfg.name}: {cfg.dataset} {cfg.model}, sampler {cfg.search.sampler}, "
           f"pruner {cfg.search.pruner}, target {cfg.search.n_trials} trials × "
-          f"≤{cfg.training.max_epochs} epochs, storage {storage}; workers {how}", flush=True)
+          f"≤{cfg.training.max_epochs} epochs, storage {storage}; workers {how}; "
+          f"backend {args.backend}", flush=True)
     interrupted, failure = False, None
     try:
         study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet,
@@ -316,10 +325,25 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Time each model family's first and later epochs under TensorFlow and JAX on this
+    machine, for training.backend: auto (stored in the per-user cache; minutes)."""
+    from mnist_opt.reporting.machine import describe
+    from mnist_opt.training.backend import calibration_path
+    from mnist_opt.training.calibrate import calibrate
+
+    if args.train_subset is not None and args.train_subset < 1:
+        raise StudyFileError(f"--train-subset must be a positive integer, got {args.train_subset}")
+    doc = calibrate(args.families, args.epochs, args.train_subset, describe())
+    print(f"calibrated {', '.join(args.families)} in {doc['seconds']:.0f} s: "
+          f"{calibration_path()} (studies with training.backend: auto now choose from it)")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list, "check": check.cmd_check, "study": cmd_study, "retrain": cmd_retrain, "report": cmd_report,
     "results": cmd_results, "predict": cmd_predict, "lr-find": cmd_lr_find,
-    "compare": compare.cmd_compare}
+    "compare": compare.cmd_compare, "calibrate": cmd_calibrate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("names", nargs="*", metavar="NAME", help="studies (default: all)")
             p.add_argument("--update", metavar="FILE",
                            help="write the table between the results markers of FILE (README.md)")
+        elif name == "calibrate":
+            p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                           help="model families to time (default: all)")
+            p.add_argument("--epochs", type=int, default=3,
+                           help="epochs per measurement, at least 2 (default 3)")
+            p.add_argument("--train-subset", type=int, metavar="N",
+                           help="time on N training images instead of all 54,000")
         elif name == "predict":
             p.add_argument("--model", required=True, metavar="URI",
                            help="MLflow model URI, e.g. models:/mlp_tpe/latest (from `retrain`)")

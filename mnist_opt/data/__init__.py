@@ -5,10 +5,10 @@ The test split is returned apart from the train/validation split, so only retrai
 evaluation ever touch it.
 """
 from mnist_opt.data.idx import (CLASS_NAMES, COPY_NOTES, FILES, KNOWN_SHA256, MIRRORS, Dataset,
-                                data_dir, download, load, parse_idx, provenance, read_idx_gz,
-                                sha256, verify)
+                                cache_root, data_dir, download, load, parse_idx, provenance,
+                                read_idx_gz, sha256, verify)
 from mnist_opt.data.split import Split, split, stratified_subset, to_float
 
 __all__ = ["CLASS_NAMES", "COPY_NOTES", "FILES", "KNOWN_SHA256", "MIRRORS", "Dataset", "Split",
-           "data_dir", "download", "load", "parse_idx", "provenance", "read_idx_gz", "sha256", "split",
-           "stratified_subset", "to_float", "verify"]
+           "cache_root", "data_dir", "download", "load", "parse_idx", "provenance", "read_idx_gz",
+           "sha256", "split", "stratified_subset", "to_float", "verify"]

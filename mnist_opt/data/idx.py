@@ -63,12 +63,19 @@ CLASS_NAMES = {
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 
 
+def cache_root() -> Path:
+    """The per-user cache: ``$MNIST_OPT_CACHE``, or ``~/.cache/mnist_opt`` (downloaded data,
+    the backend calibration, JAX's compilation cache)."""
+    env = os.environ.get("MNIST_OPT_CACHE")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "mnist_opt"
+
+
 def data_dir() -> Path:
-    """``$MNIST_OPT_DATA``, or a per-user cache that downloads fill."""
+    """``$MNIST_OPT_DATA``, or the per-user cache's ``data/``, which downloads fill."""
     env = os.environ.get("MNIST_OPT_DATA")
     if env:
         return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "mnist_opt" / "data"
+    return cache_root() / "data"
 
 
 def sha256(path: Path) -> str:

@@ -258,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
+    from mnist_opt.study.config import load_config
+    from mnist_opt.training.backend import apply, choose
+
+    cfg = load_config(args.study_file)
+    apply(choose(cfg)[0])  # the backend our repeats of this study train on
     from mnist_opt.quiet import import_tensorflow
 
     import_tensorflow()  # quietly, before Keras and keras-tuner import it
@@ -265,13 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import mlflow
 
-    from mnist_opt.study.config import load_config
     from mnist_opt.tracking import runs as tracking
     from mnist_opt.tracking.storage import make_storage
     from mnist_opt.training.loop import study_split
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = load_config(args.study_file)
     study = optuna.load_study(study_name=cfg.name, storage=make_storage(args.storage))
     split = study_split(cfg)
     seed = cfg.search.seed

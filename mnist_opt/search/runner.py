@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import keras
 import mlflow
 import optuna
 
@@ -15,10 +16,11 @@ from mnist_opt.search import versions
 from mnist_opt.search.objective import (budget_spent, check_failures, epochs_done, failure_streak,
                                         finished_since, n_finished, optimize, started, summary)
 from mnist_opt.search.progress import StudyProgress
-from mnist_opt.search.samplers import hyperband_brackets, make_pruner, make_sampler
+from mnist_opt.search.samplers import make_pruner, make_sampler
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.tracking.storage import fail_dead_owners, make_storage, owner_gone, resolve_storage
+from mnist_opt.training.backend import apply as apply_backend
 from mnist_opt.training.loop import study_split
 
 
@@ -69,6 +71,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     """
     url = resolve_storage(storage)
     # Everything that can be wrong with the input is found before anything is written.
+    if cfg.training.backend != "auto":  # a process whose Keras runs on another is refused
+        apply_backend(cfg.training.backend)
     split = study_split(cfg)
     opened = make_storage(url)  # a bad storage URL: refused before MLflow is touched
     experiment = tracking.open_experiment(cfg.name, outer=True)  # compare's, under compare
@@ -89,11 +93,12 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
         print(f"continuing study {cfg.name}: {done} finished trials in storage, {remaining} to go",
               flush=True)
     extra = {"n_train": len(split.y_train), "n_val": len(split.y_val), "workers": workers,
+             "backend": keras.backend.backend(),
              "sampler_class": type(study.sampler).__name__,
              "pruner_class": type(study.pruner).__name__, "trials_before": len(study.trials),
              **mixed}
     if cfg.search.pruner == "hyperband":
-        extra["hyperband_brackets"] = hyperband_brackets(cfg)
+        extra["hyperband_brackets"] = cfg.hyperband_brackets
     start = time.monotonic()
     limit = cfg.search.max_consecutive_failures
     with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run

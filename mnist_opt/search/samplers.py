@@ -1,8 +1,6 @@
 """Sampler and pruner factories: the study file's ``search`` section as Optuna objects."""
 from __future__ import annotations
 
-import math
-
 import optuna
 
 from mnist_opt.study.config import StudyConfig
@@ -38,7 +36,3 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
                                            n_warmup_steps=s.optuna_steps(s.n_warmup_steps))
     return optuna.pruners.NopPruner()
 
-
-def hyperband_brackets(cfg: StudyConfig) -> int:
-    s = cfg.search
-    return int(math.floor(math.log(cfg.training.max_epochs / s.min_resource, s.reduction_factor))) + 1

@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     # the parent draws the progress bar; a worker's own trial lines only when asked for
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     from mnist_opt.quiet import import_tensorflow
+    from mnist_opt.training.backend import limit_threads
 
+    limit_threads(args.threads)  # JAX's, before it starts; TensorFlow's below
     tf = import_tensorflow()
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)

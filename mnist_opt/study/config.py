@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -97,9 +98,6 @@ class SearchConfig(_Strict):
     # trial starts once they reach it. `mnist-opt compare --budget-epochs` sets it.
     epoch_budget: Optional[int] = Field(None, ge=1)
     seed: int = 48
-    # With --workers, a worker process is replaced after this many trials: TensorFlow keeps
-    # ~15 MB of traced graph per model even after clear_session (tf-keras#286), and a fresh
-    # process is the one cure that works.
     # A worker process is replaced after this many trials: TensorFlow leaks traced graphs per
     # model, and a new process frees them, but its start-up (import, data) costs seconds
     # (`make bench-throughput` measures both sides; cores.WORKER_BYTES holds the growth).
@@ -131,6 +129,10 @@ class SearchConfig(_Strict):
 class TrainingConfig(_Strict):
     max_epochs: int = Field(10, ge=1)
     retrain_epochs: Optional[int] = Field(None, ge=1)
+    # The Keras backend that trains the study's models: `auto` picks, per model family, the
+    # faster one according to `mnist-opt calibrate`'s measurements (TensorFlow without them):
+    # mnist_opt.training.backend.
+    backend: Literal["auto", "tensorflow", "jax"] = "auto"
 
 
 class Reference(_Strict):
@@ -193,6 +195,13 @@ class StudyConfig(_Strict):
         return {**section, "parameter_table_version": TABLE_VERSION}
 
     @property
+    def hyperband_brackets(self) -> int:
+        """The brackets Optuna's HyperbandPruner makes of ``min_resource``…``max_epochs``."""
+        s = self.search
+        return int(math.floor(math.log(self.training.max_epochs / s.min_resource,
+                                        s.reduction_factor))) + 1
+
+    @property
     def digest(self) -> str:
         """A short hash of :meth:`search_section` and the parameter table's version: equal
         for two files that search the same way, however they are written or commented."""
@@ -224,7 +233,7 @@ NOT_SEARCH: dict[str, Any] = {
     "name": True, "path": True, "description": True, "reference": True, "baseline": True,
     "search": {"n_trials", "timeout", "epoch_budget", "trials_per_worker",
                "max_consecutive_failures", "pick_tolerance"},
-    "training": {"retrain_epochs"}}
+    "training": {"retrain_epochs", "backend"}}  # how fast, not what, a study searches
 
 IN_EPOCH = ("report_every", "report_val_images")  # search keys that only matter below 1
 

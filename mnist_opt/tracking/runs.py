@@ -8,6 +8,7 @@ nested under it (:data:`PARENT_RUN_ENV`).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import os
 import socket
@@ -31,7 +32,10 @@ from mnist_opt.tracking.urls import sqlite_init_lock, sqlite_path
 DEFAULT_DIR = Path("mlruns")
 INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
-PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                    *([f"jax=={importlib.metadata.version('jax')}",
+                       f"jaxlib=={importlib.metadata.version('jaxlib')}"]
+                      if keras.backend.backend() == "jax" else [])]
 # The id of an MLflow run to nest a study's parent run under. `mnist-opt compare` runs each
 # repeat as a `mnist-opt study` subprocess and sets this to its own run's id: the study run
 # then goes into that run's experiment (`compare-NAME`, not the study's own) with the tag
@@ -196,8 +200,8 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
                            parent_run_id=parent.info.run_id,
                            experiment_id=parent.info.experiment_id,
                            tags={"trial_number": str(trial.number), "state": "running",
-                                 "mnist_opt.kind": "trial",
-                                 "optuna.study_name": trial.study.study_name})
+                                 "mnist_opt.kind": "trial", "optuna.study_name":
+                                 trial.study.study_name, "keras_backend": keras.backend.backend()})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
     start, state, status = time.monotonic(), "failed", "FAILED"
     try:

@@ -1,0 +1,135 @@
+"""Which Keras backend trains a study: ``training.backend: auto | tensorflow | jax``.
+
+No backend is fastest for every model here (``../shared/FACTS.md``: JAX runs the small MLP's
+later epochs about 3× faster than TensorFlow but compiles its first epoch about 2× slower;
+the CNN's epochs take 2.5× longer on JAX). ``auto`` therefore reads a calibration, made by
+``mnist-opt calibrate`` (:mod:`mnist_opt.training.calibrate`) and stored in the per-user
+cache: each model family's first-epoch and later-epoch seconds under each backend. It picks
+the backend with the shorter expected trial (first epoch + later epochs × the epochs a
+trial of this study is expected to train); without a calibration it is TensorFlow, and says
+so. A calibration never runs inside a study.
+
+Keras fixes its backend when it is first imported, so the choice goes into
+``KERAS_BACKEND`` before anything imports Keras (:func:`apply`: the CLI does it right after
+reading the study file; worker processes inherit it). This module imports no Keras itself.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mnist_opt.data import cache_root
+from mnist_opt.errors import MnistOptError
+from mnist_opt.study.config import StudyConfig
+
+BACKENDS = ("tensorflow", "jax")
+DEFAULT = "tensorflow"  # without a calibration: what every study ran on before `auto`
+
+
+def calibration_path() -> Path:
+    return cache_root() / "calibration.json"
+
+
+def jax_cache_dir() -> Path:
+    """JAX's persistent compilation cache: a later process skips compiling the same model."""
+    return cache_root() / "jax"
+
+
+def load_calibration(path: Path | None = None) -> dict[str, Any] | None:
+    """The stored calibration, None when there is none; a damaged file is an error that
+    names it and how to fix it."""
+    path = path or calibration_path()
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        for family in doc["families"].values():
+            for timing in family.values():
+                float(timing["first_s"]), float(timing["later_s"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MnistOptError(f"{path} is not a calibration written by `mnist-opt calibrate` "
+                            f"({type(exc).__name__}: {exc}): delete it or run "
+                            "`mnist-opt calibrate` again") from exc
+    return doc
+
+
+def expected_epochs(cfg: StudyConfig) -> float:
+    """Epochs a trial of ``cfg`` is expected to train: ``max_epochs`` unless Hyperband
+    prunes. Under Hyperband, the mean over its brackets of successive halving's expectation:
+    in bracket b a trial trains to ``min_resource × η^b`` epochs and goes on to each next
+    rung (× η) with probability 1/η, up to ``max_epochs``."""
+    top = cfg.training.max_epochs
+    s = cfg.search
+    if s.pruner != "hyperband":
+        return float(top)
+    eta, per_bracket = s.reduction_factor, []
+    for bracket in range(cfg.hyperband_brackets):
+        rungs = []
+        rung = s.min_resource * eta ** bracket
+        while rung < top:
+            rungs.append(rung)
+            rung *= eta
+        ends = [*rungs, top]
+        per_bracket.append(sum((end - start) / eta ** k
+                               for k, (start, end) in enumerate(zip([0, *rungs], ends))))
+    return sum(per_bracket) / len(per_bracket)
+
+
+def trial_seconds(timing: dict[str, float], epochs: float) -> float:
+    """A trial's expected training time: the first epoch, then the later ones."""
+    return timing["first_s"] + max(0.0, epochs - 1) * timing["later_s"]
+
+
+def choose(cfg: StudyConfig, calibration: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The backend for ``cfg``, and why (a line for the study's start line)."""
+    wanted = cfg.training.backend
+    if wanted != "auto":
+        return wanted, f"{wanted} (training.backend)"
+    calibration = calibration if calibration is not None else load_calibration()
+    timings = (calibration or {}).get("families", {}).get(cfg.model, {})
+    measured = {b: timings[b] for b in BACKENDS if b in timings}
+    if len(measured) < 2:
+        return DEFAULT, (f"{DEFAULT} (auto: no calibration of {cfg.model} models under "
+                         f"{' and '.join(BACKENDS)} in {calibration_path()}; "
+                         "`mnist-opt calibrate` measures them)")
+    epochs = expected_epochs(cfg)
+    seconds = {b: trial_seconds(t, epochs) for b, t in measured.items()}
+    best = min(BACKENDS, key=seconds.__getitem__)
+    shown = ", ".join(f"{b} {seconds[b]:.1f} s" for b in BACKENDS)
+    return best, (f"{best} (auto: a {epochs:.1f}-epoch {cfg.model} trial, calibrated: {shown})")
+
+
+def apply(backend: str) -> None:
+    """Make ``backend`` the one Keras imports (this process and the processes it starts);
+    refused when Keras is already imported with another one."""
+    if backend not in BACKENDS:
+        raise MnistOptError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if "keras" in sys.modules:
+        loaded = sys.modules["keras"].backend.backend()
+        if loaded != backend:
+            raise MnistOptError(
+                f"Keras is already running on {loaded} in this process, so it cannot train on "
+                f"{backend}: start it with KERAS_BACKEND={backend}, or through `mnist-opt`, "
+                "which sets it before importing Keras")
+        return
+    os.environ["KERAS_BACKEND"] = backend
+    if backend == "jax":
+        if not any(d.metadata["Name"].lower().startswith("jax-cuda")
+                   for d in importlib.metadata.distributions()):
+            # the CPU-only jaxlib: skip probing for CUDA, which prints an error on every start
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(jax_cache_dir()))
+        # cache every compiled step, not only those over 1 s (a small MLP's are shorter)
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def limit_threads(threads: int) -> None:
+    """Before the backend starts: at most ``threads`` compute threads for XLA on the CPU
+    (JAX), as ``tf.config.threading`` does for TensorFlow."""
+    if threads == 1 and os.environ.get("KERAS_BACKEND") == "jax":
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
