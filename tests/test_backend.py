@@ -78,6 +78,18 @@ def test_a_process_whose_keras_runs_on_another_backend_is_refused():
         backend.apply("jax")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "1"], "--epochs must be at least 2"),
+    (["--train-subset", "50"], "--train-subset must be at least 100 images"),
+])
+def test_calibrate_refuses_bad_arguments_before_timing_anything(cache, capsys, argv, message):
+    from mnist_opt.cli.main import main
+
+    assert main(["calibrate", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (cache / "calibration.json").exists()
+
+
 def test_the_backend_is_not_part_of_what_a_study_searches():
     assert _cfg(backend="jax").digest == _cfg(backend="tensorflow").digest == _cfg().digest
 

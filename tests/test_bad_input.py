@@ -28,6 +28,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(
 KEYS = ["dataset", "model", "data", "search", "training", "space", "description",
         "data.val_fraction", "data.seed", "data.train_subset", "search.sampler", "search.pruner",
         "search.n_trials", "search.timeout", "search.metric", "training.max_epochs",
+        "training.backend",
         "space.n_layers", "space.units", "space.dropout", "space.learning_rate",
         "space.optimizer", "space.bogus", "space.units.low", "space.units.log"]
 

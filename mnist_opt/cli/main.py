@@ -332,8 +332,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from mnist_opt.training.backend import calibration_path
     from mnist_opt.training.calibrate import calibrate
 
-    if args.train_subset is not None and args.train_subset < 1:
-        raise StudyFileError(f"--train-subset must be a positive integer, got {args.train_subset}")
+    if args.train_subset is not None and args.train_subset < 100:
+        raise StudyFileError(f"--train-subset must be at least 100 images (as a study file's "
+                             f"data.train_subset), got {args.train_subset}")
     doc = calibrate(args.families, args.epochs, args.train_subset, describe())
     print(f"calibrated {', '.join(args.families)} in {doc['seconds']:.0f} s: "
           f"{calibration_path()} (studies with training.backend: auto now choose from it)")

@@ -115,7 +115,7 @@ def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import version
 
-    pkgs = ("mnist-opt", "tensorflow", "keras", "optuna", "mlflow", "numpy", "scikit-learn")
+    pkgs = ("mnist-opt", "tensorflow", "keras", "jax", "optuna", "mlflow", "numpy", "scikit-learn")
     return {"python": platform.python_version(), **{p: version(p) for p in pkgs}}
 
 
