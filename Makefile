@@ -23,7 +23,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results calibrate lr-find predict compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results calibrate lr-find predict compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -95,6 +95,12 @@ bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials, 
 
 bench-throughput: install  ## trial-epochs per second of make study with 1 worker and every core, and a worker's replacement cost (3 rounds; ~20 min)
 	$(BIN)/python bench/throughput.py $(ARGS)
+
+bench-speedup: install  ## make study NAME=mlp_tpe as shipped, 1 worker vs every core, 3 alternating pairs (~30 min)
+	$(BIN)/python bench/throughput.py --full $(ARGS)
+
+speedup-results: install  ## rewrite bench/results/speedup.md and the README's speedup section from speedup.json
+	$(BIN)/python bench/throughput.py --full --render
 
 throughput-results: install  ## rewrite bench/results/throughput.md and the README's throughput section from throughput.json
 	$(BIN)/python bench/throughput.py --render
