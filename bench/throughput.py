@@ -116,7 +116,8 @@ def run(rounds: int, full: bool = False) -> dict:
 
     from mnist_opt.reporting.machine import code_version, describe
     from mnist_opt.search.cores import auto_workers
-    from mnist_opt.study.config import SearchConfig
+    from mnist_opt.study.config import SearchConfig, find_study
+    from mnist_opt.training.backend import choose
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     work = ROOT / "bench" / "work" / "throughput"  # git-ignored
@@ -140,6 +141,7 @@ def run(rounds: int, full: bool = False) -> dict:
     flags = f"{' --full' if full else ''} --rounds {rounds}"
     return {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": describe(), "code": code_version(), "rounds": rounds, "workers": n,
+            "backend": choose(find_study(STUDY))[1],  # what `auto` picks here, and why
             "command": f"{make} (python bench/throughput.py{flags})",
             "each_run": {label: shlex.join(command(path, w, work / "run.db", full))
                          for label, (w, _) in labels.items()},
@@ -185,7 +187,8 @@ def ratios(out: dict) -> str:
 def render_full(out: dict, readme: bool = True) -> int:
     text = "\n".join([
         f"Medians (min–max) over {out['rounds']} alternating pairs of `{out['command']}`, "
-        f"{out['started']} to {out['finished']}, on {out['machine']}; code {out['code']}. "
+        f"{out['started']} to {out['finished']}, on {out['machine']}; code {out['code']}; "
+        f"backend {out['backend']}. "
         f"Each pair: `{out['each_run']['1 worker']}` and the same with `--workers "
         f"{out['workers']}` (what `--workers auto` starts here), the study file as shipped "
         "(its trial target and epochs), timed from the process start to its exit.", "",

@@ -56,6 +56,23 @@ def test_auto_picks_the_faster_backend_for_the_trials_the_study_expects(cache, p
     assert got == chosen and why.startswith(f"{chosen} (auto:")
 
 
+def test_epochs_are_scaled_from_the_calibrations_images_to_the_studys(cache):
+    """JAX timed on 5,400 images at 0.2 s an epoch takes 2 s on a study's 54,000: TensorFlow
+    (timed on 54,000) wins a 10-epoch trial there, which unscaled it would lose."""
+    tf = {"first_s": 2.0, "later_s": 0.6, "n_train": 54000}
+    jax = {"first_s": 4.0, "later_s": 0.2, "n_train": 5400}
+    (cache / "calibration.json").write_text(json.dumps(
+        {"families": {"mlp": {"tensorflow": tf, "jax": jax}}}))
+    assert backend.train_images(_cfg()) == 54000
+    assert backend.trial_seconds(tf, 10, 54000) == pytest.approx(1.4 + 10 * 0.6)
+    assert backend.trial_seconds(jax, 10, 54000) == pytest.approx(3.8 + 10 * 2.0)
+    assert backend.trial_seconds(jax, 10) == pytest.approx(3.8 + 10 * 0.2)  # unscaled: 5.8 s
+    assert backend.choose(_cfg())[0] == "tensorflow"
+    small = _cfg().model_copy(update={"data": _cfg().data.model_copy(
+        update={"search_subset": 6000})})
+    assert backend.train_images(small) == 5400
+
+
 def test_auto_without_a_calibration_is_tensorflow_and_says_how_to_get_one(cache):
     got, why = backend.choose(_cfg())
     assert got == "tensorflow" and "mnist-opt calibrate" in why
@@ -186,5 +203,6 @@ def test_calibrate_times_both_backends_and_keeps_other_families(cache):
     for name in backend.BACKENDS:
         timing = doc["families"]["mlp"][name]
         assert timing["first_s"] > timing["later_s"] > 0  # the first epoch traces/compiles
+        assert timing["n_train"] == 1080  # 1,200 images less the validation tenth
     assert doc["epochs"] == 2 and doc["train_subset"] == 1200 and doc["seconds"] > 0
     assert f"calibrated mlp in {doc['seconds']:.0f} s" in proc.stdout

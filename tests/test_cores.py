@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mnist_opt.search.cores import WORKER_BYTES, auto_workers, cpu_quota, memory_available
+from mnist_opt.search.cores import (WORKER_BYTES, auto_workers, cpu_limit, cpu_quota,
+                                    memory_available, usable_cpus)
 
 GB = 2**30
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +51,8 @@ def test_the_cpu_quota_caps_the_cores(tmp_path):
 def test_a_small_memory_limit_gives_fewer_workers(tmp_path):
     # a cgroup v2 limit of 5 GB with 1 GB used: room for 2 workers of 2 GB on 8 cores
     root = _plant(tmp_path, {"memory.max": str(5 * GB), "memory.current": str(1 * GB)})
-    assert memory_available(root) <= 4 * GB
-    cores = auto_workers(root, cpus=8)
+    assert memory_available(root, machine=64 * GB) == 4 * GB
+    cores = auto_workers(root, cpus=8, available=memory_available(root, machine=64 * GB))
     assert cores.workers == 4 * GB // WORKER_BYTES == 2 and cores.memory_workers == 2
     # v1, and less than one worker's worth: still one worker
     tight = _plant(tmp_path / "v1", {"memory/memory.limit_in_bytes": str(GB),
@@ -66,3 +67,10 @@ def test_workers_must_be_a_number_or_auto():
     proc = subprocess.run([sys.executable, "-m", "mnist_opt", "study", "mlp_tpe", "-w", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--workers must be a positive integer" in proc.stderr
+
+
+def test_worker_threads_share_the_quota_not_the_hosts_cores(tmp_path):
+    """Workers get cpu_limit() // workers threads: under a 1.5-CPU quota that is 1 CPU's
+    worth, however many cores the host has."""
+    assert cpu_limit(_plant(tmp_path, {"cpu.max": "150000 100000"})) == 1
+    assert cpu_limit(_plant(tmp_path / "none", {"cpu.max": "max 100000"})) == usable_cpus()

@@ -66,8 +66,11 @@ def test_two_workers_share_a_study_on_postgresql(postgres, mlflow_server, tmp_pa
     assert "finished with value" not in out and "Trial 3 pruned" not in out
     trials = _check_consistent(postgres["optuna"], "pg_parallel", tracking)
     assert len(trials) == 8
-    # shares of 4 and 4, each run as 3 + 1 by a fresh process: four processes in all
-    assert len({t.user_attrs["pid"] for t in trials}) == 4
+    # each process claims at most 3 trials before a fresh one replaces it: 8 trials take
+    # 3 processes (3 + 3 + 2) or 4 (3 + 3 + 1 + 1), however the two slots share them
+    per_pid = [sum(t.user_attrs["pid"] == pid for t in trials)
+               for pid in {t.user_attrs["pid"] for t in trials}]
+    assert max(per_pid) <= 3 and len(per_pid) in (3, 4)
     assert all(t.user_attrs["rss_mb"] > 100 for t in trials)  # TensorFlow alone is more
     assert all(t.state in (TS.COMPLETE, TS.PRUNED) for t in trials)
     client = MlflowClient(tracking)

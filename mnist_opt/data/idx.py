@@ -41,6 +41,8 @@ KNOWN_SHA256 = {
     },
 }
 
+TRAIN_IMAGES = 60_000  # the official training set of both datasets (the test set: 10,000)
+
 # Where a reference copy is known to differ from the official files (../shared/data/README):
 # results on it are quoted as "on this copy".
 COPY_NOTES = {

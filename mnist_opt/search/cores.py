@@ -60,11 +60,11 @@ def cpu_quota(root: Path = CGROUP) -> float | None:
     return None
 
 
-def memory_available(root: Path = CGROUP) -> int:
-    """Bytes this process can still take: the machine's available memory, or less when the
-    cgroup's limit (v2 ``memory.max`` − ``memory.current``; v1 ``memory.limit_in_bytes`` −
-    ``memory.usage_in_bytes``) leaves less."""
-    available = psutil.virtual_memory().available
+def memory_available(root: Path = CGROUP, machine: int | None = None) -> int:
+    """Bytes this process can still take: the machine's available memory (``machine``, or
+    psutil's figure), or less when the cgroup's limit (v2 ``memory.max`` − ``memory.current``;
+    v1 ``memory.limit_in_bytes`` − ``memory.usage_in_bytes``) leaves less."""
+    available = psutil.virtual_memory().available if machine is None else machine
     for limit_file, usage_file in (("memory.max", "memory.current"),
                                    ("memory/memory.limit_in_bytes",
                                     "memory/memory.usage_in_bytes")):
@@ -80,6 +80,14 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def cpu_limit(root: Path = CGROUP) -> int:
+    """CPUs' worth of compute this process may use: the affinity mask, or the CPU quota
+    (rounded down, at least 1) when that is smaller."""
+    quota = cpu_quota(root)
+    cpus = usable_cpus()
+    return cpus if quota is None else max(1, min(cpus, math.floor(quota)))
 
 
 def auto_workers(root: Path = CGROUP, cpus: int | None = None,

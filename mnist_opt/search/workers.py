@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from mnist_opt import interrupt
-from mnist_opt.search.cores import usable_cpus
+from mnist_opt.search.cores import cpu_limit
 
 if TYPE_CHECKING:
     from mnist_opt.search.progress import StudyProgress
@@ -89,7 +89,7 @@ def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: 
     trials keep failing; the workers stop themselves). Ctrl-C / SIGTERM is passed on and
     waited for.
     """
-    threads = max(1, usable_cpus() // workers)
+    threads = max(1, cpu_limit() // workers)  # the quota's share, not the host's cores
     deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
     procs: list[subprocess.Popen | None] = [None] * workers
     spawned, failed = 0, []

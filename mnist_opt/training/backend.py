@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mnist_opt.data import cache_root
+from mnist_opt.data import TRAIN_IMAGES, cache_root
 from mnist_opt.errors import MnistOptError
 from mnist_opt.study.config import StudyConfig
 
@@ -79,9 +79,18 @@ def expected_epochs(cfg: StudyConfig) -> float:
     return sum(per_bracket) / len(per_bracket)
 
 
-def trial_seconds(timing: dict[str, float], epochs: float) -> float:
-    """A trial's expected training time: the first epoch, then the later ones."""
-    return timing["first_s"] + max(0.0, epochs - 1) * timing["later_s"]
+def train_images(cfg: StudyConfig) -> int:
+    """How many images a trial of ``cfg`` trains on per epoch (its split's training part)."""
+    drawn = min(cfg.search_subset or TRAIN_IMAGES, TRAIN_IMAGES)
+    return round(drawn * (1 - cfg.data.val_fraction))
+
+
+def trial_seconds(timing: dict[str, float], epochs: float, images: int | None = None) -> float:
+    """A trial's expected time: the first epoch's excess (tracing or compiling), then
+    ``epochs`` epochs, each scaled from the calibration's training images to ``images``."""
+    scale = images / timing["n_train"] if images and timing.get("n_train") else 1.0
+    setup = max(0.0, timing["first_s"] - timing["later_s"])
+    return setup + epochs * timing["later_s"] * scale
 
 
 def choose(cfg: StudyConfig, calibration: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -97,7 +106,7 @@ def choose(cfg: StudyConfig, calibration: dict[str, Any] | None = None) -> tuple
                          f"{' and '.join(BACKENDS)} in {calibration_path()}; "
                          "`mnist-opt calibrate` measures them)")
     epochs = expected_epochs(cfg)
-    seconds = {b: trial_seconds(t, epochs) for b, t in measured.items()}
+    seconds = {b: trial_seconds(t, epochs, train_images(cfg)) for b, t in measured.items()}
     best = min(BACKENDS, key=seconds.__getitem__)
     shown = ", ".join(f"{b} {seconds[b]:.1f} s" for b in BACKENDS)
     return best, (f"{best} (auto: a {epochs:.1f}-epoch {cfg.model} trial, calibrated: {shown})")

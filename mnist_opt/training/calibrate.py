@@ -79,7 +79,8 @@ def _time_here(family: str, epochs: int, train_subset: int | None) -> dict[str, 
     train(fresh_model(params, seed=0), params, (split.x_train, split.y_train),
           (split.x_val, split.y_val), epochs, [timer])
     later = [b - a for a, b in zip(ends, ends[1:])]
-    return {"first_s": round(ends[0] - start, 3), "later_s": round(sum(later) / len(later), 3)}
+    return {"first_s": round(ends[0] - start, 3), "later_s": round(sum(later) / len(later), 3),
+            "n_train": len(split.y_train)}
 
 
 def main(argv: list[str] | None = None) -> int:
