@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-PACKAGES = ("tensorflow", "keras", "jax", "keras-tuner", "optuna", "mlflow", "numpy")
+PACKAGES = ("tensorflow", "keras", "keras-tuner", "optuna", "mlflow", "numpy")
 
 
 def _cpu() -> str:
