@@ -49,11 +49,11 @@ def test_the_cpu_quota_caps_the_cores(tmp_path):
 
 
 def test_a_small_memory_limit_gives_fewer_workers(tmp_path):
-    # a cgroup v2 limit of 5 GB with 1 GB used: room for 2 workers of 2 GB on 8 cores
-    root = _plant(tmp_path, {"memory.max": str(5 * GB), "memory.current": str(1 * GB)})
-    assert memory_available(root, machine=64 * GB) == 4 * GB
+    # a cgroup v2 limit of 6 GB with 1 GB used: room for 2 workers of 2.5 GB on 8 cores
+    root = _plant(tmp_path, {"memory.max": str(6 * GB), "memory.current": str(1 * GB)})
+    assert memory_available(root, machine=64 * GB) == 5 * GB
     cores = auto_workers(root, cpus=8, available=memory_available(root, machine=64 * GB))
-    assert cores.workers == 4 * GB // WORKER_BYTES == 2 and cores.memory_workers == 2
+    assert cores.workers == 5 * GB // WORKER_BYTES == 2 and cores.memory_workers == 2
     # v1, and less than one worker's worth: still one worker
     tight = _plant(tmp_path / "v1", {"memory/memory.limit_in_bytes": str(GB),
                                      "memory/memory.usage_in_bytes": str(GB // 2)})
