@@ -211,9 +211,10 @@ def run_workload(key: str, quick: bool, repeats: int, db: Path, folder: Path) ->
     modes = {mode: {"ours": ours, "keras_tuner": theirs, "ours_workers": ours_workers[mode]}
              for mode, (ours, theirs) in pairs.items()}
     from mnist_opt.data import provenance
+    from mnist_opt.training.backend import choose
 
     return {"study": work["study"], "title": work["title"], "command": "; ".join(commands),
-            "data": provenance(cfg.dataset),
+            "data": provenance(cfg.dataset), "backend": choose(cfg)[1],
             "trials": trials, "max_epochs": epochs, "train_subset": subset,
             "repeats": repeats, "target": out.target, "target_source": out.target_source,
             "summaries": [_shown(f) for f in folders],
@@ -505,6 +506,7 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
         f"- started: {out['started']}, finished: {out['finished']}",
         f"- machine: {out['machine']}; code: {out.get('code', 'not recorded')}",
         *[f"- {w['title']}: `{w['command']}`; data: {w.get('data', 'not recorded')}; "
+          f"Keras backend: {w.get('backend', 'not recorded')}; "
           f"target {w['target']:.4f} ({w['target_source']}); "
           "curves, table and per-repeat studies in "
           + ", ".join(f"`{folder}/`" for folder in w["summaries"])
