@@ -83,11 +83,11 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_limit(root: Path = CGROUP) -> int:
-    """CPUs' worth of compute this process may use: the affinity mask, or the CPU quota
-    (rounded down, at least 1) when that is smaller."""
+def cpu_limit(root: Path = CGROUP, cpus: int | None = None) -> int:
+    """CPUs' worth of compute this process may use: the affinity mask (or ``cpus``), or the
+    CPU quota (rounded down, at least 1) when that is smaller."""
     quota = cpu_quota(root)
-    cpus = usable_cpus()
+    cpus = usable_cpus() if cpus is None else cpus
     return cpus if quota is None else max(1, min(cpus, math.floor(quota)))
 
 
@@ -99,5 +99,4 @@ def auto_workers(root: Path = CGROUP, cpus: int | None = None,
     quota = cpu_quota(root)
     available = memory_available(root) if available is None else available
     by_memory = max(1, available // WORKER_BYTES)
-    limits = [cpus, by_memory, *([max(1, math.floor(quota))] if quota is not None else [])]
-    return Cores(max(1, min(limits)), cpus, quota, int(by_memory))
+    return Cores(max(1, min(cpu_limit(root, cpus), by_memory)), cpus, quota, int(by_memory))

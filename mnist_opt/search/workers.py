@@ -195,14 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # the parent draws the progress bar; a worker's own trial lines only when asked for
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
-    from mnist_opt.quiet import import_tensorflow
-    from mnist_opt.training.backend import limit_threads
+    from mnist_opt.training.backend import start_limited
 
-    limit_threads(args.threads)  # JAX's, before it starts; TensorFlow's below
-    tf = import_tensorflow()
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    start_limited(args.threads)  # KERAS_BACKEND: the parent's choice, inherited
     try:
         work(args.config, args.storage, args.parent_run_id, args.n_trials, args.index, args.verbose,
              args.timeout, args.claims)

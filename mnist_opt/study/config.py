@@ -126,13 +126,16 @@ class SearchConfig(_Strict):
         return round(epochs * self.reports_per_epoch)
 
 
+BACKENDS = ("tensorflow", "jax")  # Keras backends a study may train on (training.backend)
+
+
 class TrainingConfig(_Strict):
     max_epochs: int = Field(10, ge=1)
     retrain_epochs: Optional[int] = Field(None, ge=1)
     # The Keras backend that trains the study's models: `auto` picks, per model family, the
     # faster one according to `mnist-opt calibrate`'s measurements (TensorFlow without them):
     # mnist_opt.training.backend.
-    backend: Literal["auto", "tensorflow", "jax"] = "auto"
+    backend: Literal[("auto", *BACKENDS)] = "auto"
 
 
 class Reference(_Strict):

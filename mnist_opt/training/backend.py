@@ -1,8 +1,8 @@
 """Which Keras backend trains a study: ``training.backend: auto | tensorflow | jax``.
 
-No backend is fastest for every model here (``../shared/FACTS.md``: JAX runs the small MLP's
-later epochs about 3× faster than TensorFlow but compiles its first epoch about 2× slower;
-the CNN's epochs take 2.5× longer on JAX). ``auto`` therefore reads a calibration, made by
+No backend is fastest for every model: on a CPU, JAX can run a small MLP's later epochs
+faster than TensorFlow while compiling its first epoch slower, and a CNN's epochs much
+slower; how much depends on the machine. ``auto`` therefore reads a calibration, made by
 ``mnist-opt calibrate`` (:mod:`mnist_opt.training.calibrate`) and stored in the per-user
 cache: each model family's first-epoch and later-epoch seconds under each backend. It picks
 the backend with the shorter expected trial (first epoch + later epochs × the epochs a
@@ -24,9 +24,8 @@ from typing import Any
 
 from mnist_opt.data import TRAIN_IMAGES, cache_root
 from mnist_opt.errors import MnistOptError
-from mnist_opt.study.config import StudyConfig
+from mnist_opt.study.config import BACKENDS, StudyConfig
 
-BACKENDS = ("tensorflow", "jax")
 DEFAULT = "tensorflow"  # without a calibration: what every study ran on before `auto`
 
 
@@ -136,9 +135,17 @@ def apply(backend: str) -> None:
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-def limit_threads(threads: int) -> None:
-    """Before the backend starts: at most ``threads`` compute threads for XLA on the CPU
-    (JAX), as ``tf.config.threading`` does for TensorFlow."""
+def start_limited(threads: int):
+    """Start the backend :func:`apply` chose with at most ``threads`` compute threads, as a
+    worker process trains (workers, calibration): XLA's (JAX) are set before it starts,
+    TensorFlow's (the input pipeline on either backend) right after its quiet import, which
+    is returned."""
     if threads == 1 and os.environ.get("KERAS_BACKEND") == "jax":
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                                            "intra_op_parallelism_threads=1")
+    from mnist_opt.quiet import import_tensorflow
+
+    tf = import_tensorflow()
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf

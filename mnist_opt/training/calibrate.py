@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mnist_opt.errors import MnistOptError
-from mnist_opt.training.backend import BACKENDS, calibration_path, load_calibration
+from mnist_opt.training.backend import (BACKENDS, calibration_path, load_calibration,
+                                        start_limited)
 
 FAMILIES = ("mlp", "cnn")
 
@@ -48,6 +49,8 @@ def calibrate(families: Sequence[str] = FAMILIES, epochs: int = 3,
 
 def measure(family: str, backend: str, epochs: int, train_subset: int | None) -> dict[str, float]:
     """One family under one backend, timed in a fresh process."""
+    # KERAS_BACKEND alone, not apply(): JAX's persistent compilation cache would time a
+    # recalibration's first epoch from the cache, and a new trial's model is never in it
     proc = subprocess.run(
         [sys.executable, "-m", "mnist_opt.training.calibrate", family, str(epochs),
          *([str(train_subset)] if train_subset else [])],
@@ -84,18 +87,12 @@ def _time_here(family: str, epochs: int, train_subset: int | None) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mnist_opt.training.calibrate FAMILY EPOCHS [SUBSET]``: one JSON line."""
+    """``python -m mnist_opt.training.calibrate FAMILY EPOCHS [SUBSET]``: one JSON line,
+    timed on ``$KERAS_BACKEND`` with one thread, as a study's worker trains."""
     args = (argv if argv is not None else sys.argv[1:])
     family, epochs = args[0], int(args[1])
     subset = int(args[2]) if len(args) > 2 else None
-    from mnist_opt.training.backend import limit_threads
-
-    limit_threads(1)
-    from mnist_opt.quiet import import_tensorflow
-
-    tf = import_tensorflow()
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    start_limited(1)
     print(json.dumps(_time_here(family, epochs, subset)))
     return 0
 
