@@ -53,6 +53,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                 "title": "Fashion-MNIST MLP (fashion_mlp_tpe's space)",
                 "like_for_like": ("tpe+none", "kt-bayesian"),
                 "out_of_the_box": (None, "kt-bayesian-defaults")},
+    "mlp_tpe": {"study": "mlp_tpe", "trials": 30, "max_epochs": 12,
+                "title": "MNIST MLP (mlp_tpe's space)",
+                "like_for_like": ("tpe+hyperband", "kt-hyperband"),
+                "out_of_the_box": (None, "kt-hyperband-defaults")},
 }
 QUICK = {"trials": 8, "max_epochs": 3, "train_subset": 6000, "repeats": 2}
 MODES = ("like_for_like", "out_of_the_box")
