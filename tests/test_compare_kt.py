@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.search import strategies as strat
@@ -84,6 +85,20 @@ def test_a_kt_repeat_has_the_studys_space_its_seed_and_budget(tmp_path, monkeypa
         command = r.strategy.command(r.study_file, "sqlite:///x.db", 1, False)
         assert command[1:] == ["-m", "mnist_opt.search.kt_repeat", str(r.study_file),
                                "--storage", "sqlite:///x.db", "--tuner", "kt-bayesian"]
+
+
+def test_kt_strategies_refuse_a_fractional_max_epochs(tmp_path, monkeypatch):
+    """keras-tuner trains whole epochs; a study of 1.5 (half-epoch reports) is refused by
+    name, while our strategies run it."""
+    monkeypatch.setattr(strat, "keras_tuner_installed", lambda: True)
+    doc = yaml.safe_load(_file(tmp_path).read_text())
+    doc["search"]["report_every"], doc["training"]["max_epochs"] = 0.5, 1.5
+    (path := tmp_path / "half.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    assert plan(cfg, parse_strategies(["random+none"]), 1, Budget(trials=1), tmp_path / "o")
+    with pytest.raises(StrategyError) as err:
+        plan(cfg, parse_strategies(["kt-random"]), 1, Budget(trials=1), tmp_path / "o")
+    assert "keras-tuner trains whole epochs" in str(err.value) and "1.5" in str(err.value)
 
 
 def test_compare_exits_2_for_kt_with_two_workers_and_writes_nothing(stores, tmp_path):

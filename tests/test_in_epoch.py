@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import optuna
@@ -13,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mnist_opt import data
+from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.search.objective import callback_factory
 from mnist_opt.search.runner import run_study
 from mnist_opt.search.samplers import make_pruner
@@ -26,12 +28,13 @@ from mnist_opt.training.loop import fresh_model, study_split, train
 SPACE = {"n_layers": 1, "units": 32, "batch_size": 40, "learning_rate": 3.0e-3}
 
 
-def _study_file(tmp_path: Path, name: str = "quarters", **search) -> Path:
+def _study_file(tmp_path: Path, name: str = "quarters", max_epochs: float = 2,
+                **search) -> Path:
     doc = {"dataset": "mnist", "model": "mlp",
            "data": {"val_fraction": 0.2, "seed": 1, "train_subset": 1000},
            "search": {"sampler": "random", "pruner": "none", "n_trials": 1, "seed": 3,
                       "report_every": 0.25, "report_val_images": 100, **search},
-           "training": {"max_epochs": 2}, "space": dict(SPACE)}
+           "training": {"max_epochs": max_epochs}, "space": dict(SPACE)}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -43,6 +46,9 @@ def _study_file(tmp_path: Path, name: str = "quarters", **search) -> Path:
     ({"report_every": 1, "min_resource": 0.5}, "search.min_resource", "use a multiple of 1"),
     ({"report_every": 0.5, "min_resource": 0.25}, "search.min_resource", "multiple of 0.5"),
     ({"min_resource": 0}, "search.min_resource", "greater than 0"),
+    ({"report_every": 1, "max_epochs": 2.5}, "training.max_epochs", "use a multiple of 1"),
+    ({"report_every": 0.5, "max_epochs": 1.25}, "training.max_epochs", "multiple of 0.5"),
+    ({"max_epochs": 0}, "training.max_epochs", "greater than 0"),
 ])
 def test_report_settings_that_do_not_make_whole_steps_are_refused(tmp_path, search, path, says):
     with pytest.raises(InvalidStudyFile) as err:
@@ -55,6 +61,9 @@ def test_the_pruners_count_reports_while_the_study_file_counts_epochs(tmp_path):
     cfg = load_config(_study_file(tmp_path, pruner="hyperband", min_resource=0.25))
     pruner = make_pruner(cfg)
     assert (pruner._min_resource, pruner._max_resource) == (1, 8)  # 0.25 and 2 epochs
+    fraction = make_pruner(load_config(_study_file(tmp_path, pruner="hyperband",
+                                                   max_epochs=1.75)))
+    assert fraction._max_resource == 7
     median = make_pruner(load_config(_study_file(tmp_path, pruner="median", n_warmup_steps=1)))
     assert median._n_warmup_steps == 4
 
@@ -141,3 +150,40 @@ def test_the_pruner_can_stop_a_trial_after_a_quarter_epoch(stores, tmp_path):
     assert list(reported) == [1] and reported[1] < 0.99
     attrs = study.trials[-1].user_attrs
     assert "epoch_log" not in attrs and attrs["pruned_at_epoch"] == 0.25  # no epoch completed
+
+
+class _Batches(keras.callbacks.Callback):
+    """The last batch each epoch reached (batch hooks come once per compiled call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reached: dict[int, int] = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.reached[self.epoch] = batch + 1
+
+
+def test_a_fractional_max_epochs_stops_part_way_through_the_last_epoch(stores, tmp_path):
+    """max_epochs 1.5: the second epoch stops at its half (10 of 20 steps), Keras still
+    measures the full validation set there, and that is the last report, at step 6, and the
+    trial's value; the study file keeps 2 as an int (digests of older files unchanged)."""
+    assert isinstance(load_config(_study_file(tmp_path)).training.max_epochs, int)
+    cfg = load_config(_study_file(tmp_path, max_epochs=1.5))
+    counter = _Batches()
+    split, params = study_split(cfg), _params(cfg)
+    history = train(fresh_model(params, seed=0), params, (split.x_train, split.y_train),
+                    (split.x_val, split.y_val), 1.5, [counter], reports_per_epoch=4)
+    assert counter.reached == {0: 20, 1: 10} and len(history.history["val_accuracy"]) == 2
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(trial.intermediate_values) == list(range(1, 7))  # 1.5 epochs × 4 reports
+    log = trial.user_attrs["epoch_log"]
+    assert trial.value == pytest.approx(trial.intermediate_values[6]) == pytest.approx(log[-1][1])
+    assert trial.user_attrs["epochs"] == 1.5 and epochs_trained(trial) == 1.5
+    history_of = {m.step: m.value for m in MlflowClient().get_metric_history(
+        trial.user_attrs["mlflow_run_id"], "epoch")}
+    assert history_of == pytest.approx({1: 0.25, 2: 0.5, 3: 0.75, 4: 1, 5: 1.25, 6: 1.5})

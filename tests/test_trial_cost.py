@@ -55,6 +55,13 @@ def test_a_trial_pruned_inside_an_epoch_counts_its_fraction():
     assert fixed_cost(trial) == pytest.approx(12 - 2.25 * 3)
 
 
+def test_a_fractional_max_epochs_counts_its_part_epoch_and_leaves_it_out_of_the_steady_epoch():
+    # max_epochs 2.5: epochs end at 7, 10 and 11.5 (a half epoch); steady 3 s (not 2.25)
+    trial = _trial(TS.COMPLETE, 14, [7, 10, 11.5], epochs=2.5)
+    assert epochs_trained(trial) == 2.5
+    assert fixed_cost(trial) == pytest.approx(14 - 2.5 * 3)
+
+
 def test_trials_without_a_steady_state_are_left_out_and_counted():
     costs = fixed_costs([_trial(TS.COMPLETE, 20, [7, 9, 13]), _trial(TS.PRUNED, 9, [8]),
                          _trial(TS.FAIL, 3, [])])

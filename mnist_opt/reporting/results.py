@@ -44,7 +44,7 @@ def study_row(client: MlflowClient, cfg: StudyConfig) -> dict | None:
         "complete": int(metrics.get("n_complete", 0)), "pruned": int(metrics.get("n_pruned", 0)),
         "search_s": sum(r.data.metrics.get("wall_s", 0.0) for r in studies),
         "retrain_s": (best.info.end_time - best.info.start_time) / 1000,
-        "epochs": int(best.data.params.get("epochs", 0)),
+        "epochs": float(best.data.params.get("epochs", 0)),  # 2.5: a fractional max_epochs
         "seeds": int(best.data.params.get("seeds", 1)),
         "val": best.data.metrics.get("best_val_accuracy", float("nan")),
         "test": best.data.metrics["test_accuracy"],
@@ -75,7 +75,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['study']} | {r['dataset']} {r['model']} | {r['sampler']} + {r['pruner']} | "
             f"{r['complete'] + r['pruned']} ({r['complete']}/{r['pruned']}) | "
-            f"{r['search_s'] / 60:.1f} min | {r['seeds']}× {r['epochs']} ep, "
+            f"{r['search_s'] / 60:.1f} min | {r['seeds']}× {r['epochs']:g} ep, "
             f"{r['retrain_s'] / 60:.1f} min | {r['val']:.4f} | "
             f"{'—' if r['baseline'] is None else format(r['baseline'], '.2%')} | "
             f"{test} | {ref} | {beaten} |")

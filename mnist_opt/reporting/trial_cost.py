@@ -24,9 +24,11 @@ import optuna
 
 
 def epochs_trained(trial: optuna.trial.FrozenTrial) -> float:
-    """Epochs the trial trained: its completed epochs, or where it was pruned (a fraction of
-    an epoch with in-epoch reports: the callback records ``pruned_at_epoch``)."""
-    return float(trial.user_attrs.get("pruned_at_epoch", len(trial.user_attrs.get("epoch_log", ()))))
+    """Epochs the trial trained: where it was pruned (a fraction of an epoch with in-epoch
+    reports: the callback records ``pruned_at_epoch``), else ``epochs`` when the objective
+    recorded it (a fractional ``max_epochs``), else its completed epochs."""
+    attrs = trial.user_attrs
+    return float(attrs.get("pruned_at_epoch", attrs.get("epochs", len(attrs.get("epoch_log", ())))))
 
 
 def fixed_cost(trial: optuna.trial.FrozenTrial) -> float | None:
@@ -35,7 +37,10 @@ def fixed_cost(trial: optuna.trial.FrozenTrial) -> float | None:
     ends = [t for t, _ in trial.user_attrs.get("epoch_log", ())]
     if len(ends) < 2 or trial.datetime_start is None or trial.datetime_complete is None:
         return None
-    steady = float(np.mean(np.diff(ends)))
+    diffs = np.diff(ends)
+    if epochs_trained(trial) < len(ends) and len(diffs) > 1:
+        diffs = diffs[:-1]  # a fractional max_epochs: the last epoch is a part of one
+    steady = float(np.mean(diffs))
     wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
     return wall - epochs_trained(trial) * steady
 

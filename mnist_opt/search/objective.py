@@ -53,7 +53,8 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
                                 reports_per_epoch=callback.reports_per_epoch)
                 tracking.log_model(model)
                 trial.set_user_attr("val_accuracy", float(history.history["val_accuracy"][-1]))
-                trial.set_user_attr("epochs", len(history.epoch))
+                # a fractional max_epochs stops its last epoch part-way
+                trial.set_user_attr("epochs", min(len(history.epoch), cfg.training.max_epochs))
                 value = float(history.history[cfg.search.metric][-1])
                 if second is None:
                     return value

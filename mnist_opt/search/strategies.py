@@ -171,6 +171,10 @@ class KerasTunerStrategy:
             raise StudyFileError(
                 f"{self.name}: keras-tuner searches one objective, val_accuracy; this study's "
                 f"are {', '.join(cfg.objective_names)}")
+        if not float(cfg.training.max_epochs).is_integer():
+            raise StudyFileError(
+                f"{self.name}: keras-tuner trains whole epochs; training.max_epochs is "
+                f"{cfg.training.max_epochs}: give a whole number (--max-epochs N)")
         return cfg
 
     def command(self, study_file: Path, storage: str, workers: int,

@@ -208,7 +208,7 @@ def _within(path: str, prefix: str) -> bool:
 METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 
-def check_search(search: dict) -> list[Problem]:
+def check_search(search: dict, training: dict | None = None) -> list[Problem]:
     """Settings of ``search`` that are each valid but do not go together (a value that is
     invalid on its own is the schema's to report)."""
     problems = []
@@ -225,12 +225,12 @@ def check_search(search: dict) -> list[Problem]:
                                 f"{metric} improves when it goes "
                                 f"{'up' if METRIC_DIRECTIONS[metric] == 'maximize' else 'down'}; "
                                 f"set direction: {METRIC_DIRECTIONS[metric]}"))
-    return problems + _report_steps(search)
+    return problems + _report_steps(search, training or {})
 
 
-def _report_steps(search: dict) -> list[Problem]:
-    """``report_every`` must cut an epoch into whole reports, and the pruner's epochs must be
-    whole numbers of them: Optuna's steps are integers."""
+def _report_steps(search: dict, training: dict) -> list[Problem]:
+    """``report_every`` must cut an epoch into whole reports, and the pruner's epochs and
+    ``max_epochs`` must be whole numbers of them: Optuna's steps are integers."""
     every = search.get("report_every", 1)
     if not _number(every) or not 0 < every <= 1:
         return []  # the schema reports it
@@ -238,9 +238,9 @@ def _report_steps(search: dict) -> list[Problem]:
     if abs(per_epoch * every - 1) > 1e-9:
         return [Problem("search.report_every", f"{every!r} does not divide an epoch into whole "
                         f"reports; allowed: 1, 0.5, 0.25, 0.2, 0.1 (1/n for a whole n)")]
-    epochs = search.get("min_resource", 1)
-    if not _number(epochs) or epochs <= 0 or abs(epochs * per_epoch - round(epochs * per_epoch)) < 1e-9:
-        return []
-    return [Problem("search.min_resource", f"{epochs!r} epochs is not a whole number of reports "
-                    f"of report_every {every!r}: use a multiple of {every!r}, or a report_every "
-                    f"that divides it")]
+    return [Problem(key, f"{epochs!r} epochs is not a whole number of reports of report_every "
+                    f"{every!r}: use a multiple of {every!r}, or a report_every that divides it")
+            for key, epochs in (("search.min_resource", search.get("min_resource", 1)),
+                                ("training.max_epochs", training.get("max_epochs", 1)))
+            if _number(epochs) and epochs > 0
+            and abs(epochs * per_epoch - round(epochs * per_epoch)) > 1e-9]

@@ -130,7 +130,9 @@ BACKENDS = ("tensorflow", "jax")  # Keras backends a study may train on (trainin
 
 
 class TrainingConfig(_Strict):
-    max_epochs: int = Field(10, ge=1)
+    # In epochs; a fraction (2.5) when it is a whole number of search.report_every's reports:
+    # the last epoch then stops part-way (training.loop.train). int | float keeps 10 an int.
+    max_epochs: Union[int, float] = Field(10, gt=0)
     retrain_epochs: Optional[int] = Field(None, ge=1)
     # The Keras backend that trains the study's models: `auto` picks, per model family, the
     # faster one according to `mnist-opt calibrate`'s measurements (TensorFlow without them):
@@ -217,7 +219,7 @@ class StudyConfig(_Strict):
         return Path("reports") / self.name
 
     @property
-    def retrain_epochs(self) -> int:
+    def retrain_epochs(self) -> int | float:
         return self.training.retrain_epochs or self.training.max_epochs
 
 
@@ -287,7 +289,8 @@ def _table_problems(doc: dict) -> list[Problem]:
     parameter table, and search settings that do not go together."""
     model, space, baseline = _model(doc), doc.get("space"), doc.get("baseline")
     search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
-    problems = check_search(search)
+    training = doc.get("training") if isinstance(doc.get("training"), dict) else {}
+    problems = check_search(search, training)
     if model is None:  # the schema reports the model; nothing can be said of its parameters
         return problems
     if isinstance(space, dict):

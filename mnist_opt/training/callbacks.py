@@ -30,7 +30,7 @@ class TrialCallback(keras.callbacks.Callback):
     reports_per_epoch = 1
 
     def __init__(self, trial: optuna.Trial | None = None, monitor: str = "val_accuracy",
-                 epochs: int | None = None, label: str = "", verbose: bool = True,
+                 epochs: float | None = None, label: str = "", verbose: bool = True,
                  report: bool = True):
         super().__init__()
         self.trial, self.monitor, self.epochs = trial, monitor, epochs
@@ -47,12 +47,14 @@ class TrialCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         interrupt.check()  # an interrupted epoch is partial: not logged, not reported
         logs = logs or {}
-        step = (epoch + 1) * self.reports_per_epoch
+        # a fractional max_epochs ends part-way through the last epoch (StopInEpoch)
+        ended = min(epoch + 1, self.epochs or math.inf)
+        step = round(ended * self.reports_per_epoch)
         metrics = {k: float(logs[k]) for k in LOGGED if k in logs}
-        mlflow.log_metrics({**metrics, "epoch": epoch + 1}, step=step)
+        mlflow.log_metrics({**metrics, "epoch": ended}, step=step)
         if self.verbose:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            tqdm.write(f"{self.label} epoch {epoch + 1}/{self.epochs or '?'}  {shown}".strip())
+            tqdm.write(f"{self.label} epoch {ended:g}/{self.epochs or '?'}  {shown}".strip())
         if self.trial is None:
             return
         # when each epoch ended and its validation accuracy: best-so-far curves and time to
@@ -64,8 +66,8 @@ class TrialCallback(keras.callbacks.Callback):
             raise KeyError(f"metric {self.monitor!r} is not in Keras's logs {sorted(logs)}; "
                            "check the study file's search.metric")
         if not math.isfinite(metrics.get("loss", 0.0)):
-            self._prune(epoch + 1, "non-finite loss")
-        self._report(float(logs[self.monitor]), step, epoch + 1)
+            self._prune(ended, "non-finite loss")
+        self._report(float(logs[self.monitor]), step, ended)
 
     def _report(self, value: float, step: int, epochs: float) -> None:
         """Tell Optuna ``value`` at ``step``, ``epochs`` into training; prune when it is not
@@ -115,7 +117,7 @@ class InEpochReports(TrialCallback):
         done = min(batch + 1, steps)  # a last compiled call may run short of its length
         due = [i for i in range(self._next, self.reports_per_epoch)
                if done >= math.ceil(i * steps / self.reports_per_epoch)]
-        if not due:
+        if not due or self.model.stop_training:  # a stopped epoch's end reports it in full
             return
         self._next = due[-1] + 1
         step = self._epoch * self.reports_per_epoch + due[-1]
@@ -138,3 +140,24 @@ class InEpochReports(TrialCallback):
         picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
         return {"val_accuracy": float(np.mean(probs.argmax(axis=1) == y)),
                 "val_loss": float(-np.mean(np.log(picked)))}
+
+
+class StopInEpoch(keras.callbacks.Callback):
+    """Ends training ``epochs`` (a fraction: 2.5) into it: Keras then measures validation and
+    calls ``on_epoch_end`` for the part-epoch, as for a whole one. Placed before the other
+    callbacks, so that they see ``stop_training`` in the same batch hook. Batch hooks come
+    once per compiled call (``steps_per_execution``), so it stops at the first call at or
+    past its share, as the in-epoch reports do."""
+
+    def __init__(self, epochs: float):
+        super().__init__()
+        self.last, self.share = math.floor(epochs), epochs - math.floor(epochs)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        steps = self.params["steps"]
+        if self._epoch == self.last and steps and batch + 1 >= math.ceil(self.share * steps):
+            self.model.stop_training = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from typing import Any, Callable, Sequence
 
 import keras
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from mnist_opt import data
 from mnist_opt.study.config import StudyConfig
+from mnist_opt.training.callbacks import StopInEpoch
 from mnist_opt.training.models import build_model
 
 
@@ -127,17 +129,21 @@ def steps_per_execution(n_train: int, batch_size: int, reports_per_epoch: int = 
 
 
 def train(model: keras.Model, params: dict[str, Any], train_xy: tuple[np.ndarray, np.ndarray],
-          val_xy: tuple[np.ndarray, np.ndarray] | None, epochs: int,
+          val_xy: tuple[np.ndarray, np.ndarray] | None, epochs: float,
           callbacks: Sequence[keras.callbacks.Callback] = (), seed: int = 0,
           reports_per_epoch: int = 1) -> keras.callbacks.History:
-    """Compile and fit ``model``; the callbacks do the reporting, logging and pruning
-    (``reports_per_epoch`` times per epoch: see :class:`~.callbacks.InEpochReports`)."""
+    """Compile and fit ``model`` for ``epochs`` (a fraction ends part-way through the last
+    one: :class:`~.callbacks.StopInEpoch`); the callbacks do the reporting, logging and
+    pruning (``reports_per_epoch`` times per epoch: see :class:`~.callbacks.InEpochReports`)."""
+    if not float(epochs).is_integer():
+        callbacks = [StopInEpoch(epochs), *callbacks]
     batch = params["batch_size"]
     compile_model(model, params, len(train_xy[1]),
                   steps_per_execution(len(train_xy[1]), batch, reports_per_epoch))
     val = make_dataset(*val_xy, batch_size=max(batch, 512)) if val_xy is not None else None
     return model.fit(make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed),
-                     validation_data=val, epochs=epochs, callbacks=list(callbacks), verbose=0,
+                     validation_data=val, epochs=math.ceil(epochs), callbacks=list(callbacks),
+                     verbose=0,
                      shuffle=False)  # the pipeline shuffles
 
 
