@@ -161,8 +161,8 @@ def _hypermodel(cfg: StudyConfig, n_train: int, budget: _Budget, seed: int,
     import keras_tuner as kt
 
     from mnist_opt.study.space import suggest_params
-    from mnist_opt.training.loop import (STEPS_PER_EXECUTION, compile_model, fresh_model,
-                                         make_dataset)
+    from mnist_opt.training.loop import (STEPS_PER_EXECUTION, classes_of, compile_model,
+                                         fresh_model, make_dataset)
 
     class Recorder(keras.callbacks.Callback):
         def __init__(self, log: list):
@@ -200,19 +200,27 @@ def _hypermodel(cfg: StudyConfig, n_train: int, budget: _Budget, seed: int,
             params = self._params(hp)
             # like our objective: a fresh session, seeded per trial
             model = fresh_model(params, seed + self.count)
-            return compile_model(model, params, n_train, 1 if defaults else STEPS_PER_EXECUTION)
+            return compile_model(model, params, n_train, 1 if defaults else STEPS_PER_EXECUTION,
+                                 cfg.training.max_epochs)
 
         def fit(self, hp, model, train_xy, val_xy, callbacks=(), **kwargs):
             params = self._params(hp)
             batch = params["batch_size"]
             kwargs.pop("verbose", None)  # search's, passed on by keras-tuner: ours is 0
             log = self.current["epoch_log"] if self.current is not None else []
+            classes = classes_of(model)  # one-hot targets under label smoothing
             if defaults:
-                return model.fit(*train_xy, batch_size=batch, validation_data=val_xy,
+                def arrays(xy):
+                    return xy if classes is None else (xy[0], keras.utils.to_categorical(
+                        xy[1], classes))
+                return model.fit(*arrays(train_xy), batch_size=batch,
+                                 validation_data=arrays(val_xy),
                                  callbacks=[*callbacks, Recorder(log)], verbose=0, **kwargs)
             return model.fit(
-                make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed + self.count),
-                validation_data=make_dataset(*val_xy, batch_size=max(batch, 512)),
+                make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed + self.count,
+                             classes=classes),
+                validation_data=make_dataset(*val_xy, batch_size=max(batch, 512),
+                                             classes=classes),
                 callbacks=[*callbacks, Recorder(log)], verbose=0, shuffle=False, **kwargs)
 
     return HyperModel()

@@ -44,7 +44,7 @@ EXCLUDED_ACTIVATIONS = {
     "glu": "halves the layer's width, so 'units' would not be the width",
     "threshold": "needs arguments (threshold, default_value) a name cannot give",
 }
-OPTIMIZERS = ("adam", "sgd", "adamw")  # training.loop.OPTIMIZERS builds exactly these
+OPTIMIZERS = ("adam", "sgd", "adamw", "sgdw")  # training.loop.OPTIMIZERS builds exactly these
 
 
 @dataclass(frozen=True)
@@ -114,17 +114,38 @@ PARAMS: tuple[Param, ...] = (
     Param("activation", BOTH, "choice", "relu", "hidden-layer activation (keras.activations)",
           choices=ACTIVATIONS),
     # training
-    Param("optimizer", (TRAINING,), "choice", "adam", "Adam, SGD with Nesterov momentum, AdamW",
+    Param("optimizer", (TRAINING,), "choice", "adam",
+          "Adam, SGD with Nesterov momentum, AdamW, SGDW (SGD with decoupled weight decay)",
           choices=OPTIMIZERS),
     Param("learning_rate", (TRAINING,), "float", 1e-3, "initial learning rate", low=1e-7,
           high=10.0),
     Param("batch_size", (TRAINING,), "int", 128, "images per training step", low=1, high=65536),
-    Param("lr_schedule", (TRAINING,), "choice", "none", "per-epoch learning-rate decay",
-          choices=("none", "exponential")),
+    Param("lr_schedule", (TRAINING,), "choice", "none",
+          "learning-rate schedule: per-epoch exponential decay, or per step one-cycle (with "
+          "cycled momentum; learning_rate is its peak) or cosine (training.schedules)",
+          choices=("none", "exponential", "one_cycle", "cosine")),
     Param("lr_decay", (TRAINING,), "float", 0.9, "factor per epoch", low=0.01, high=1.0,
           when=("lr_schedule", ("exponential",))),
-    Param("weight_decay", (TRAINING,), "float", 1e-4, "AdamW's decoupled weight decay",
-          low=0.0, high=1.0, when=("optimizer", ("adamw",))),
+    Param("weight_decay", (TRAINING,), "float", 1e-4, "decoupled weight decay (AdamW, SGDW)",
+          low=0.0, high=1.0, when=("optimizer", ("adamw", "sgdw"))),
+    # one-cycle (PyTorch's OneCycleLR defaults) and cosine
+    Param("warmup_fraction", (TRAINING,), "float", 0.3,
+          "share of the steps rising to the peak (PyTorch's pct_start)", low=0.0, high=0.9,
+          when=("lr_schedule", ("one_cycle",))),
+    Param("div_factor", (TRAINING,), "float", 25.0, "the cycle starts at learning_rate / this",
+          low=1.0, high=1e4, when=("lr_schedule", ("one_cycle",))),
+    Param("final_div", (TRAINING,), "float", 1e4, "and ends at its start / this", low=1.0,
+          high=1e6, when=("lr_schedule", ("one_cycle",))),
+    Param("momentum_high", (TRAINING,), "float", 0.95,
+          "momentum (SGD) or β1 (Adam) at the cycle's ends", low=0.0, high=0.999,
+          when=("lr_schedule", ("one_cycle",))),
+    Param("momentum_low", (TRAINING,), "float", 0.85, "… and at the learning-rate peak",
+          low=0.0, high=0.999, when=("lr_schedule", ("one_cycle",))),
+    Param("cosine_warmup", (TRAINING,), "float", 0.0,
+          "share of the steps warming up linearly from 0", low=0.0, high=0.9,
+          when=("lr_schedule", ("cosine",))),
+    Param("label_smoothing", (TRAINING,), "float", 0.0,
+          "label smoothing of the cross-entropy (one-hot targets)", low=0.0, high=0.5),
 )
 
 

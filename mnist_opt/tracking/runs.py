@@ -291,6 +291,18 @@ def close_orphans(study: optuna.Study, experiment_id: str) -> int:
     return closed
 
 
+def portable(model: keras.Model) -> keras.Model:
+    """``model``, or, when its optimizer is not one of Keras' own (the one-cycle optimizers
+    of ``training.schedules``), an uncompiled copy with its weights: a logged model must load
+    where only Keras is installed (``mlflow models serve``), and inference needs no optimizer."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or type(optimizer).__module__.startswith("keras."):
+        return model
+    copy = type(model).from_config(model.get_config())  # clone_model would compile it too
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def log_model(model: keras.Model, registered_name: str | None = None):
     """Log ``model`` to the active run as an MLflow Keras model (and register it if named).
 
@@ -300,8 +312,9 @@ def log_model(model: keras.Model, registered_name: str | None = None):
     example = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
     # A direct call, not predict(): predict traces a new tf.function for every model.
     signature = infer_signature(example, np.asarray(model(example, training=False)))
-    return mlflow.keras.log_model(model, name="model", pip_requirements=PIP_REQUIREMENTS,
-                                  signature=signature, registered_model_name=registered_name)
+    return mlflow.keras.log_model(portable(model), name="model",
+                                  pip_requirements=PIP_REQUIREMENTS, signature=signature,
+                                  registered_model_name=registered_name)
 
 
 def log_best_so_far(parent_run_id: str, tolerance: float):

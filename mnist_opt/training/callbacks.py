@@ -136,10 +136,14 @@ class InEpochReports(TrialCallback):
         probs = np.concatenate([keras.ops.convert_to_numpy(self.model(x[i:i + batch_size],
                                                                       training=False))
                                 for i in range(0, len(y), batch_size)])
-        # Keras computes the loss from the softmax's logits; clipping only differs below 1e-7
-        picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+        # Keras computes the loss from the softmax's logits; clipping only differs below 1e-7.
+        # Under label smoothing the loss is the smoothed one, as Keras' at the epoch's end.
+        smoothing = getattr(self.model.loss, "label_smoothing", 0.0)
+        target = np.full(probs.shape, smoothing / probs.shape[1])
+        target[np.arange(len(y)), y] += 1 - smoothing
+        loss = -np.mean(np.sum(target * np.log(np.clip(probs, 1e-7, 1.0)), axis=1))
         return {"val_accuracy": float(np.mean(probs.argmax(axis=1) == y)),
-                "val_loss": float(-np.mean(np.log(picked)))}
+                "val_loss": float(loss)}
 
 
 class StopInEpoch(keras.callbacks.Callback):

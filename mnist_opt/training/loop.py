@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from mnist_opt import data
 from mnist_opt.study.config import StudyConfig
+from mnist_opt.training import schedules
 from mnist_opt.training.callbacks import StopInEpoch
 from mnist_opt.training.models import build_model
 
@@ -47,27 +48,63 @@ def fresh_model(params: dict[str, Any], seed: int, freeze: bool = False) -> kera
 
 
 # The optimizers a study may name (the parameter table's `optimizer` choices; a test keeps
-# the two in step): Adam, SGD with Nesterov momentum, AdamW with decoupled weight decay.
-OPTIMIZERS: dict[str, Callable[[Any, dict[str, Any]], keras.optimizers.Optimizer]] = {
-    "adam": lambda lr, params: keras.optimizers.Adam(lr),
-    "sgd": lambda lr, params: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-    "adamw": lambda lr, params: keras.optimizers.AdamW(lr, weight_decay=params["weight_decay"]),
+# the two in step): Adam, SGD with Nesterov momentum, AdamW and SGDW with decoupled weight
+# decay; under one-cycle, the subclasses that cycle their momentum (training.schedules).
+OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
+    "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
+    "adamw": keras.optimizers.AdamW, "sgdw": keras.optimizers.SGD,
 }
+SGD_MOMENTUM = 0.9  # Nesterov, outside one-cycle
 
 
-def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The params' optimizer, with an optional per-epoch exponential decay.
-
-    The schedule decays by ``lr_decay`` once per epoch, as in the well-known MNIST codelab.
-    """
-    lr: Any = params["learning_rate"]
-    if params.get("lr_schedule") == "exponential":
-        lr = keras.optimizers.schedules.ExponentialDecay(
-            lr, decay_steps=steps_per_epoch, decay_rate=params["lr_decay"], staircase=True)
+def _optimizer_args(params: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's own arguments: momentum for the SGDs, decay for the W variants."""
     name = params["optimizer"]
+    args: dict[str, Any] = ({"momentum": SGD_MOMENTUM, "nesterov": True}
+                            if name.startswith("sgd") else {})
+    if name.endswith("w"):
+        args["weight_decay"] = params["weight_decay"]
+    return args
+
+
+def make_optimizer(params: dict[str, Any], steps_per_epoch: int,
+                   epochs: float | None = None) -> keras.optimizers.Optimizer:
+    """The params' optimizer under its ``lr_schedule``: a constant learning rate, the
+    codelab's per-epoch exponential decay, or per step (over ``epochs`` × ``steps_per_epoch``
+    steps) cosine or one-cycle with cycled momentum (:mod:`~.schedules`)."""
+    name, schedule = params["optimizer"], params.get("lr_schedule", "none")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](lr, params)
+    if schedule in ("cosine", "one_cycle") and epochs is None:
+        raise ValueError(f"lr_schedule {schedule} needs the run's epochs to know its steps")
+    lr: Any = params["learning_rate"]
+    args = _optimizer_args(params)
+    if schedule == "exponential":
+        lr = keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=steps_per_epoch, decay_rate=params["lr_decay"], staircase=True)
+    elif schedule == "cosine":
+        steps = schedules.total_steps(steps_per_epoch, epochs)
+        lr = schedules.cosine(lr, steps, schedules.warmup_steps(params["cosine_warmup"], steps))
+    elif schedule == "one_cycle":
+        steps = schedules.total_steps(steps_per_epoch, epochs)
+        cycled = dict(momentum_low=params["momentum_low"], momentum_high=params["momentum_high"],
+                      warmup=schedules.warmup_steps(params["warmup_fraction"], steps), steps=steps)
+        if "momentum" in args:
+            args["momentum"] = params["momentum_high"]  # read by SGD's build only
+        return schedules.ONE_CYCLE[name](schedules.one_cycle_lr(params, steps), **args, **cycled)
+    return OPTIMIZERS[name](lr, **args)
+
+
+def one_hot(params: dict[str, Any]) -> bool:
+    """Whether targets are one-hot: label smoothing needs them (the sparse loss has no such
+    option); otherwise integer labels, as before."""
+    return params.get("label_smoothing", 0.0) > 0
+
+
+def make_loss(params: dict[str, Any]) -> keras.losses.Loss | str:
+    if one_hot(params):
+        return keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"])
+    return "sparse_categorical_crossentropy"
 
 
 _TENSORS: dict[int, tuple[np.ndarray, tf.Tensor]] = {}
@@ -88,8 +125,9 @@ def _tensor(array: np.ndarray) -> tf.Tensor:
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int,
-                 shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """An in-memory ``tf.data`` pipeline: shuffle indices, gather whole batches.
+                 shuffle_seed: int | None = None, classes: int | None = None) -> tf.data.Dataset:
+    """An in-memory ``tf.data`` pipeline: shuffle indices, gather whole batches (with
+    ``classes``, one-hot labels of that many classes).
 
     Gathering a batch at once keeps per-step overhead low (small models here are bound by
     it, not by arithmetic); the arrays become tensors once per process, not per trial or epoch.
@@ -98,9 +136,18 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int,
     ds = tf.data.Dataset.range(len(y))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)),
-                                  num_parallel_calls=tf.data.AUTOTUNE)
+
+    def gather(idx):
+        labels = tf.gather(ys, idx)
+        return tf.gather(xs, idx), labels if classes is None else tf.one_hot(labels, classes)
+
+    ds = ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def classes_of(model: keras.Model) -> int | None:
+    """The number of classes when ``model`` was compiled for one-hot targets, else None."""
+    return model.output_shape[-1] if isinstance(model.loss, keras.losses.CategoricalCrossentropy) else None
 
 
 # Batches per compiled call: small models are bound by per-step Python overhead, which 8 steps
@@ -110,11 +157,12 @@ STEPS_PER_EXECUTION = 8
 
 
 def compile_model(model: keras.Model, params: dict[str, Any], n_train: int,
-                  steps_per_execution: int = 1) -> keras.Model:
+                  steps_per_execution: int = 1, epochs: float | None = None) -> keras.Model:
+    """Compile for ``n_train`` images a step of ``batch_size``, over ``epochs`` (schedules
+    per step need them)."""
     steps = max(1, -(-n_train // params["batch_size"]))
-    model.compile(optimizer=make_optimizer(params, steps),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=steps_per_execution)
+    model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
     return model
 
 
@@ -139,14 +187,18 @@ def train(model: keras.Model, params: dict[str, Any], train_xy: tuple[np.ndarray
         callbacks = [StopInEpoch(epochs), *callbacks]
     batch = params["batch_size"]
     compile_model(model, params, len(train_xy[1]),
-                  steps_per_execution(len(train_xy[1]), batch, reports_per_epoch))
-    val = make_dataset(*val_xy, batch_size=max(batch, 512)) if val_xy is not None else None
-    return model.fit(make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed),
+                  steps_per_execution(len(train_xy[1]), batch, reports_per_epoch), epochs)
+    classes = classes_of(model)
+    val = (make_dataset(*val_xy, batch_size=max(batch, 512), classes=classes)
+           if val_xy is not None else None)
+    return model.fit(make_dataset(*train_xy, batch_size=batch, shuffle_seed=seed,
+                                  classes=classes),
                      validation_data=val, epochs=math.ceil(epochs), callbacks=list(callbacks),
                      verbose=0,
                      shuffle=False)  # the pipeline shuffles
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    loss, acc = model.evaluate(make_dataset(x, y, batch_size=1024), verbose=0)
+    loss, acc = model.evaluate(make_dataset(x, y, batch_size=1024, classes=classes_of(model)),
+                               verbose=0)
     return {"loss": float(loss), "accuracy": float(acc)}

@@ -54,6 +54,7 @@ from mnist_opt.tracking import runs as tracking  # noqa: E402
 from mnist_opt.study.config import Choice, Range, StudyConfig, load_config  # noqa: E402
 from mnist_opt.errors import MnistOptError, RetrainError, StudyFileError  # noqa: E402
 from mnist_opt.study.objectives import pick  # noqa: E402
+from mnist_opt.study.params import table  # noqa: E402
 from mnist_opt.study.space import MidpointTrial, suggest_params  # noqa: E402
 from mnist_opt.tracking.storage import load_existing  # noqa: E402
 from mnist_opt.training.loop import compile_model, fresh_model, make_dataset, study_split  # noqa: E402
@@ -109,7 +110,9 @@ def tested_params(cfg: StudyConfig, study: optuna.Study | None
         params, number = _fixed(midpoint_values(cfg), cfg), None
         source = f"midpoint config of the space ({why})"
     params["lr_schedule"] = "none"
-    params.pop("lr_decay", None)
+    for p in table(cfg.model).values():  # the schedule's own parameters go with it
+        if p.when and p.when[0] == "lr_schedule":
+            params.pop(p.name, None)
     return params, source, number
 
 
