@@ -338,11 +338,15 @@ def main() -> int:
 
     out = {"command": command, "started": started, "machine": describe(), "quick": args.quick,
            "code": code_version(),
-           "workloads": {**{k: v for k, v in old.get("workloads", {}).items()
-                            if k not in args.workloads}}}
+           "workloads": {k: v for k, v in kept_workloads(old).items()
+                         if k not in args.workloads}}
     for key in args.workloads:
+        begun = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         out["workloads"][key] = run_workload(key, args.quick, repeats, work / "optuna.db",
                                              folders / key)
+        out["workloads"][key]["ran"] = {"started": begun, "command": command,
+                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                        "code": out["code"]}
     classic = with_overrides(find_study("mlp_hyperband", ROOT / "studies"),
                              train_subset=QUICK["train_subset"] if args.quick else None)
     print("\n== per-epoch overhead and memory", flush=True)
@@ -353,6 +357,14 @@ def main() -> int:
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
     return render(out, readme=not args.quick, folder=path.parent)
+
+
+def kept_workloads(old: dict) -> dict[str, dict]:
+    """The previous latest.json's workloads, each with when and by which command and code it
+    ran (``ran``; a file written before workloads carried it: that run's own header)."""
+    return {key: {**w, "ran": w.get("ran") or {k: old.get(k) for k in (
+                "started", "finished", "code", "command")}}
+            for key, w in old.get("workloads", {}).items()}
 
 
 # -- rendering: latest.md and the README section, from latest.json only ----------------------
@@ -497,6 +509,13 @@ def _verdicts(out: dict) -> list[str]:
             for line in w["verdict"] if line.split(":")[0] in shown]
 
 
+def _ran(w: dict) -> str:
+    """When a workload ran, with which code and command (``ran``)."""
+    r = w.get("ran") or {}
+    return (f"{r.get('started', '?')} to {r.get('finished', '?')}, code "
+            f"{r.get('code') or 'not recorded'}, by `{r.get('command', '?')}`")
+
+
 def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
     """``latest.md`` beside the JSON and, for a full run, the README's section."""
     table = comparison_table(out)
@@ -507,16 +526,17 @@ def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:
         f"- command: `{out['command']}` (runs `python bench/bench.py` from the repository "
         "root; `python bench/bench.py --render` rewrites this file and the README section from "
         "`latest.json`)",
-        f"- started: {out['started']}, finished: {out['finished']}",
-        f"- machine: {out['machine']}; code: {out.get('code', 'not recorded')}",
-        *[f"- {w['title']}: `{w['command']}`; data: {w.get('data', 'not recorded')}; "
+        f"- this invocation (the workloads it ran, the overhead and memory figures): started "
+        f"{out['started']}, finished {out['finished']}; code: {out.get('code', 'not recorded')}",
+        f"- machine: {out['machine']}",
+        *[f"- {w['title']}: ran {_ran(w)}; `{w['command']}`; data: {w.get('data', 'not recorded')}; "
           f"Keras backend: {w.get('backend', 'not recorded')}; "
           f"target {w['target']:.4f} ({w['target_source']}); "
           "curves, table and per-repeat studies in "
           + ", ".join(f"`{folder}/`" for folder in w["summaries"])
           for w in out["workloads"].values()], "",
         "Timings on these machines are noisy and differ between machines: read the ratios, "
-        "which compare runs inside this one invocation.", "",
+        "which compare runs inside one workload's run.", "",
         table, "", *[f"{n}\n" for n in notes],
         "The compare verdicts (Mann–Whitney U, α = 0.05; fewer than 5 repeats a side is "
         "\"too few repeats\"):", "", *verdicts, ""])

@@ -178,3 +178,17 @@ def test_the_reading_counts_significant_pairs_and_what_chance_gives():
     assert "about 0.15 of each would by chance" in text
     # 3 pairs: Bonferroni 0.0167; two p of 0.0079 survive it, and 5 a side can go below it
     assert "(Bonferroni, p < 0.017), 2 survive." in text
+
+
+def test_kept_workloads_carry_when_they_ran_not_the_new_runs_header(bench):
+    """A run of some workloads keeps the others: each says when it ran, with which code and
+    command (files written before workloads carried it: that run's header)."""
+    old = {"command": "make bench", "started": "old-s", "finished": "old-f", "code": "git a",
+           "workloads": {"classic": {"title": "c"},
+                         "mlp_tpe": {"title": "m", "ran": {"started": "s2", "finished": "f2",
+                                                           "code": "git b", "command": "x"}}}}
+    kept = bench.kept_workloads(old)
+    assert kept["classic"]["ran"] == {"started": "old-s", "finished": "old-f", "code": "git a",
+                                      "command": "make bench"}
+    assert kept["mlp_tpe"]["ran"]["code"] == "git b"
+    assert bench._ran(kept["classic"]) == "old-s to old-f, code git a, by `make bench`"

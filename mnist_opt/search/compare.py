@@ -387,7 +387,8 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
         f"- target: validation accuracy {target:.4f} ({source})",
         f"- storage: {url}; MLflow: experiment compare-{cfg.name}, run {run_id}", "",
         "## Table", "", table.rstrip("\n"), "",
-        "## Verdict", "", *[f"- {line}" for line in lines], "",
+        "## Verdict", "", *([f"- {line}" for line in lines] or
+                            ["- one strategy: nothing to compare it with here"]), "",
         "## Curves", "", *[f"- [{p.name}]({p.name})" for p in plots], "",
         "## Repeats", "", "(wall s: from the repeat's process start to its exit; its epochs "
         "are in summary.json)", "",
