@@ -151,7 +151,7 @@ def test_adamw_weight_decay():
 
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="adam, sgd, adamw"):
-        make_optimizer({"optimizer": "rmsprop", "learning_rate": 0.001}, 10)
+        make_optimizer({"optimizer": "adagrad", "learning_rate": 0.001}, 10)
 
 
 def test_exponential_schedule_decays_once_per_epoch():

@@ -37,7 +37,7 @@ space:
   n_layers: {low: 1, high: 3}
   units: {low: 64, high: 1024, log: true}
   activation: {choices: [relu, swishy]}
-  optimizer: {choices: [adam, rmsprop]}
+  optimizer: {choices: [adam, adagrad]}
   batch_size: {choices: [0, 64]}
 """
 
@@ -92,9 +92,9 @@ def test_every_condition_names_an_earlier_choice_with_those_values():
 # alters what an existing study file means (a default, a bound, a condition), raise
 # TABLE_VERSION so studies begun under the old meaning are refused as changed; either way,
 # record the new fingerprint here.
-# v2 grew the recipes (issue 14) without a new version: new choices (sgdw, one_cycle, cosine)
+# v2 grew the recipes (issue 14) without a new version: new choices (sgdw, rmsprop, one_cycle, cosine)
 # with parameters only they switch on, and label_smoothing whose default 0 is the old loss.
-FINGERPRINTS = {2: "ca987b4182906571"}
+FINGERPRINTS = {2: "ba070e10a357225a"}
 
 
 def test_a_changed_table_comes_with_a_decision_about_its_version():
@@ -293,7 +293,7 @@ def test_the_bad_file_is_refused_naming_all_three_keys(tmp_path):
         load_config(_write(tmp_path, BAD, "mlp_bad.yaml"))
     msg = str(err.value)
     assert "space.activation.choices[1]: 'swishy' is not allowed (did you mean 'swish'?)" in msg
-    assert "space.optimizer.choices[1]: 'rmsprop' is not allowed; allowed: adam, sgd, adamw" in msg
+    assert "space.optimizer.choices[1]: 'adagrad' is not allowed; allowed: adam, sgd, adamw, sgdw, rmsprop" in msg
     assert "space.batch_size.choices[0]: 0 is not allowed; allowed: an integer in [1, 65536]" in msg
     assert len(err.value.problems) == 3
 

@@ -152,7 +152,7 @@ def test_sgdw_decays_weights_decoupled_from_the_gradient():
         variable = keras.Variable(np.array([2.0, -4.0], dtype=np.float32))
         opt.apply_gradients([(keras.ops.zeros((2,)), variable)])
         assert np.asarray(variable) == pytest.approx(np.array([2.0, -4.0]) * factor, rel=1e-6)
-    assert set(OPTIMIZERS) == {"adam", "sgd", "adamw", "sgdw"}
+    assert set(OPTIMIZERS) == {"adam", "sgd", "adamw", "sgdw", "rmsprop"}
 
 
 def test_label_smoothing_trains_on_one_hot_targets_and_reports_plain_accuracy():

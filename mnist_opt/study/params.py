@@ -44,7 +44,8 @@ EXCLUDED_ACTIVATIONS = {
     "glu": "halves the layer's width, so 'units' would not be the width",
     "threshold": "needs arguments (threshold, default_value) a name cannot give",
 }
-OPTIMIZERS = ("adam", "sgd", "adamw", "sgdw")  # training.loop.OPTIMIZERS builds exactly these
+# training.loop.OPTIMIZERS builds exactly these
+OPTIMIZERS = ("adam", "sgd", "adamw", "sgdw", "rmsprop")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ PARAMS: tuple[Param, ...] = (
           choices=ACTIVATIONS),
     # training
     Param("optimizer", (TRAINING,), "choice", "adam",
-          "Adam, SGD with Nesterov momentum, AdamW, SGDW (SGD with decoupled weight decay)",
+          "Adam, SGD with Nesterov momentum, AdamW, SGDW (SGD with decoupled weight decay), "
+          "RMSprop (Keras' defaults: the Keras mnist_mlp example's)",
           choices=OPTIMIZERS),
     Param("learning_rate", (TRAINING,), "float", 1e-3, "initial learning rate", low=1e-7,
           high=10.0),

@@ -53,6 +53,7 @@ def fresh_model(params: dict[str, Any], seed: int, freeze: bool = False) -> kera
 OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
     "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
     "adamw": keras.optimizers.AdamW, "sgdw": keras.optimizers.SGD,
+    "rmsprop": keras.optimizers.RMSprop,
 }
 SGD_MOMENTUM = 0.9  # Nesterov, outside one-cycle
 
@@ -89,9 +90,12 @@ def make_optimizer(params: dict[str, Any], steps_per_epoch: int,
         steps = schedules.total_steps(steps_per_epoch, epochs)
         cycled = dict(momentum_low=params["momentum_low"], momentum_high=params["momentum_high"],
                       warmup=schedules.warmup_steps(params["warmup_fraction"], steps), steps=steps)
+        lr = schedules.one_cycle_lr(params, steps)
+        if name not in schedules.ONE_CYCLE:  # RMSprop: no momentum to cycle, the rate only
+            return OPTIMIZERS[name](lr, **args)
         if "momentum" in args:
             args["momentum"] = params["momentum_high"]  # read by SGD's build only
-        return schedules.ONE_CYCLE[name](schedules.one_cycle_lr(params, steps), **args, **cycled)
+        return schedules.ONE_CYCLE[name](lr, **args, **cycled)
     return OPTIMIZERS[name](lr, **args)
 
 
