@@ -87,7 +87,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
-bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, like for like and out of the box, 3 repeats (full data; ~1.5 h; resumable)
+bench: $(VENV)/.bench  ## mnist_opt vs keras-tuner, like for like and out of the box, 3 repeats (full data; over 2 hours here, latest.md says when each workload ran; resumable; ARGS="--workloads mlp_tpe" runs one)
 	$(BIN)/python bench/bench.py $(ARGS)
 
 bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials, 2 repeats), in bench/work-quick/

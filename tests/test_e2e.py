@@ -149,7 +149,8 @@ def test_retrain_logs_evaluation_pictures_and_the_baseline(finished):
     run = client.get_run(res.run_id)
     names = {Path(a.path).name for a in client.list_artifacts(res.run_id, "evaluation")}
     assert {"confusion_matrix.png", "misclassified.png", "classification_report.json",
-            "classification_report.txt", "confusion_matrix.json"} <= names
+            "classification_report.txt", "confusion_matrix.json", "pr_curves.png",
+            "roc_curves.png", "pr_roc.json"} <= names
     folder = Path(mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="evaluation",
                                                       dst_path=str(finished["tmp"] / "dl")))
     cm = np.array(json.loads((folder / "confusion_matrix.json").read_text())["rows_true_cols_predicted"])

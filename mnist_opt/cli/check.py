@@ -9,6 +9,7 @@ from pathlib import Path
 from mnist_opt.errors import StudyFileError
 from mnist_opt.study.config import (VERSION, InvalidStudyFile, known_studies, load_config,
                                     studies_dir)
+from mnist_opt.study.space import check_enqueue
 
 
 def _targets(names: list[str]) -> list[Path]:
@@ -34,7 +35,7 @@ def _check(path: Path) -> dict:
                                                             f"in {studies_dir()}: {known}"}]
         return result
     try:
-        load_config(path)
+        check_enqueue(load_config(path))  # search.enqueue against the space, too
         result["ok"] = True
     except InvalidStudyFile as exc:
         result["problems"] = [{"path": p.path, "message": p.message} for p in exc.problems]

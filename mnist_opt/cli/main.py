@@ -122,6 +122,17 @@ def _workers(text: str) -> int | str:
             f"{text!r} is neither a number of worker processes nor 'auto'") from None
 
 
+def _positive(text: str) -> int:
+    """A positive integer argument."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _worker_count(requested: int | str) -> tuple[int, str]:
     """The workers to start and how the start line says it."""
     if requested != "auto":
@@ -161,7 +172,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     interrupted, failure = False, None
     try:
         study = runner.run_study(cfg, storage, verbose=args.verbose, progress=not args.quiet,
-                                 workers=workers, mix=args.mix_versions, argument=args.name)
+                                 workers=workers, mix=args.mix_versions, argument=args.name,
+                                 warm_from=args.warm_start, warm_top=args.warm_top)
     except KeyboardInterrupt:
         interrupted = True
         study = optuna.load_study(study_name=cfg.name, storage=storage)
@@ -235,8 +247,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
               f"{100 * (res.test_accuracy - res.baseline_accuracy):+.2f} points")
     ev = res.evaluation
     print(f"test set: macro F1 {ev['test_macro_f1']:.4f}, {ev['test_errors']} errors, weakest "
-          f"class {ev['weakest_class']} (F1 {ev['weakest_f1']:.4f}); confusion matrix, per-class "
-          f"report and misclassified images in {res.report_dir}/ and the MLflow run's evaluation/")
+          f"class {ev['weakest_class']} (F1 {ev['weakest_f1']:.4f}); macro AP "
+          f"{ev['test_macro_ap']:.4f}, macro ROC AUC {ev['test_macro_auc']:.4f}, lowest AP class "
+          f"{ev['lowest_ap_class']} (AP {ev['lowest_ap']:.4f})")
+    print(f"confusion matrix, per-class report, PR/ROC curves and misclassified images in "
+          f"{res.report_dir}/ and the MLflow run's evaluation/")
     print(f"MLflow run {res.run_id}; registered model {cfg.name} version {res.model_version} "
           f"(models:/{cfg.name}/{res.model_version})")
     return 0
@@ -401,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--new-version", action="store_true",
                            help="run this file's version of the study under its own name, "
                                 "NAME.v2, v3, …: continue the one this file searches, or start one")
+            p.add_argument("--warm-start", metavar="OTHER",
+                           help="seed the study with the best finished trials of study OTHER in "
+                                "the same storage: copied where both measure the same way "
+                                "(not counted toward n_trials), else queued to run anew")
+            p.add_argument("--warm-top", type=_positive, default=5, metavar="K",
+                           help="how many of OTHER's best trials (default 5)")
         if name == "lr-find":
             p.add_argument("--apply", action="store_true",
                            help="write the suggested range into the study file's learning_rate")

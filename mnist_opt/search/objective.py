@@ -11,6 +11,7 @@ import optuna
 from mnist_opt import data, interrupt
 from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.errors import StudyFailedError
+from mnist_opt.search.warm import SEEDED, copied
 from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
@@ -42,6 +43,9 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         params = suggest_params(trial, cfg)
         with tracking.trial_run(trial, params, parent):
+            seeded = {k: str(v) for k, v in trial.user_attrs.items() if k in SEEDED}
+            if seeded:  # a queued configuration: search.enqueue or a warm start's
+                mlflow.set_tags(seeded)
             try:
                 model = fresh_model(params, cfg.search.seed + trial.number, freeze)
                 trial.set_user_attr("n_params", model.count_params())
@@ -91,7 +95,20 @@ FAIL = optuna.trial.TrialState.FAIL
 
 
 def n_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Finished trials toward ``n_trials``: complete or pruned, less those copied in by a
+    warm start (they did not run here)."""
+    return sum(not copied(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def stop_at_target(n_trials: int):
+    """An Optuna callback: stop once the study has ``n_trials`` finished trials (Optuna's
+    ``MaxTrialsCallback``, counting as :func:`n_finished` does)."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if n_finished(study) >= n_trials:
+            study.stop()
+
+    return callback
 
 
 def summary(study: optuna.Study, tolerance: float) -> dict[str, Any]:
@@ -202,7 +219,7 @@ def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: m
     study.optimize(
         make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
         timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
-        callbacks=[optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
+        callbacks=[stop_at_target(cfg.search.n_trials),
                    stop_on_failures(cfg.search.max_consecutive_failures, started(parent)),
                    stop_at_epoch_budget(cfg),
                    tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),

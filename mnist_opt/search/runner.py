@@ -17,7 +17,9 @@ from mnist_opt.search.objective import (budget_spent, check_failures, epochs_don
                                         finished_since, n_finished, optimize, started, summary)
 from mnist_opt.search.progress import StudyProgress
 from mnist_opt.search.samplers import make_pruner, make_sampler
+from mnist_opt.search.warm import ENQUEUED, warm_start
 from mnist_opt.study.config import StudyConfig
+from mnist_opt.study.space import check_enqueue
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.tracking.storage import fail_dead_owners, make_storage, owner_gone, resolve_storage
 from mnist_opt.training.backend import apply as apply_backend
@@ -52,7 +54,8 @@ def open_study(cfg: StudyConfig, storage: str | optuna.storages.BaseStorage, mix
 
 def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
               progress: bool = True, workers: int = 1, callbacks: Sequence = (),
-              mix: bool = False, argument: str | None = None) -> optuna.Study:
+              mix: bool = False, argument: str | None = None,
+              warm_from: str | None = None, warm_top: int = 5) -> optuna.Study:
     """Bring the study to ``cfg.search.n_trials`` finished (complete or pruned) trials.
 
     ``n_trials`` is the study's target, not a count per invocation (optuna #2638): a
@@ -67,10 +70,13 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     ``search.epoch_budget`` stops it too: no new trial, in any worker, once the study's trials
     completed that many epochs together (``mnist-opt compare --budget-epochs``).
     A study file that changed since the study began is refused unless ``mix`` (see
-    :mod:`mnist_opt.search.versions`).
+    :mod:`mnist_opt.search.versions`). ``warm_from``: seed it first with that study's
+    ``warm_top`` best trials (:mod:`mnist_opt.search.warm`); ``search.enqueue``'s
+    configurations are queued first in any case.
     """
     url = resolve_storage(storage)
     # Everything that can be wrong with the input is found before anything is written.
+    check_enqueue(cfg)
     if cfg.training.backend != "auto":  # a process whose Keras runs on another is refused
         apply_backend(cfg.training.backend)
     split = study_split(cfg)
@@ -104,6 +110,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     with tracking.study_run(cfg, url, extra) as parent:  # an ActiveRun is a Run
         study.set_user_attr("last_mlflow_parent_run_id", parent.info.run_id)
         mlflow.log_dict(cfg.search_section(), "search_section.json")
+        seed(study, cfg, url, parent, warm_from, warm_top)
         since = started(parent)
         bar = StudyProgress(study, remaining, progress, cfg.search.pick_tolerance)
         try:
@@ -128,6 +135,17 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
             log_plots(study, cfg.objective_names)
         check_owners(study)  # inside: the parent run ends FAILED, not FINISHED
     return study
+
+
+def seed(study: optuna.Study, cfg: StudyConfig, url: str, parent: mlflow.entities.Run,
+         warm_from: str | None, warm_top: int) -> None:
+    """Queue ``search.enqueue``'s configurations (each once, however often the study is
+    continued), then the warm start's trials."""
+    for values in cfg.search.enqueue:
+        study.enqueue_trial(values, user_attrs={ENQUEUED: "search.enqueue"},
+                            skip_if_exists=True)
+    if warm_from:
+        print(warm_start(study, cfg, warm_from, url, warm_top, parent).line(), flush=True)
 
 
 def fail_stale(study: optuna.Study) -> None:

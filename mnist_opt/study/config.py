@@ -109,6 +109,10 @@ class SearchConfig(_Strict):
     # retrain picks the smallest/fastest model within pick_tolerance of the best accuracy.
     second_objective: Optional[Literal["n_params", "latency_ms"]] = None
     pick_tolerance: float = Field(0.005, ge=0, le=1)
+    # Known configurations to run first (Optuna's enqueue_trial), each a {param: value} of
+    # trial parameters (units_l0, …), checked against the space on load; missing ones are
+    # sampled. They count toward n_trials like any trial.
+    enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
 
     @field_serializer("min_resource", "report_every")
     def _integral_as_int(self, value: float) -> float | int:
@@ -197,6 +201,8 @@ class StudyConfig(_Strict):
         if self.search.reports_per_epoch == 1:
             for key in IN_EPOCH:
                 section["search"].pop(key)
+        if not self.search.enqueue:  # likewise for studies begun before search.enqueue
+            section["search"].pop("enqueue")
         return {**section, "parameter_table_version": TABLE_VERSION}
 
     @property

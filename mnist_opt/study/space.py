@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import optuna
 
-from mnist_opt.study.config import Choice, ParamSpec, Range, StudyConfig
+from mnist_opt.study.checks import Problem
+from mnist_opt.study.config import Choice, InvalidStudyFile, ParamSpec, Range, StudyConfig
 from mnist_opt.study.params import FAMILIES, PARAMS, TRAINING, Param, layer_name, params_of, table
 
 # Derived from the parameter table: a parameter's default and the per-layer layout.
@@ -111,6 +112,68 @@ class MidpointTrial:
 
     def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
         return int(round(self.suggest_float(name, low, high, step if step > 1 else None, log)))
+
+
+class ValuesTrial:
+    """Stands in for an Optuna trial in :func:`suggest_params`: the given trial parameters,
+    each checked against the distribution it meets; a missing one takes the midpoint (a
+    sampler would draw it), so the conditions downstream are followed as a trial would."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values, self.asked = dict(values), set()
+        self.problems: list[tuple[str, str]] = []
+
+    def _take(self, name: str, fits: bool | None, allowed: str, default: Any) -> Any:
+        self.asked.add(name)
+        if name not in self.values:
+            return default
+        if not fits:
+            self.problems.append((name, f"{self.values[name]!r} is not in the space: {allowed}"))
+            return default
+        return self.values[name]
+
+    def _number(self, name: str, low: float, high: float, integer: bool) -> bool | None:
+        v = self.values.get(name)
+        return (not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+                and low <= v <= high)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        v = self.values.get(name)
+        fits = any(v == c and type(v) is type(c) for c in choices)
+        return self._take(name, fits, f"one of {list(choices)}", choices[0])
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None,
+                      log: bool = False) -> float:
+        return self._take(name, self._number(name, low, high, False), f"[{low:g}, {high:g}]",
+                          MidpointTrial().suggest_float(name, low, high, step, log))
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        return self._take(name, self._number(name, low, high, True),
+                          f"an integer in [{low}, {high}]",
+                          MidpointTrial().suggest_int(name, low, high, step, log))
+
+
+def value_problems(cfg: StudyConfig, values: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(key, message)`` for each of ``values`` (trial parameters: ``units_l0``, …) that the
+    space would not suggest: out of its range or choices, or not searched given the others."""
+    trial = ValuesTrial(values)
+    suggest_params(trial, cfg)  # type: ignore[arg-type]
+    unknown = [(key, f"not a searched parameter of this space with these values; searched: "
+                     f"{', '.join(sorted(trial.asked))}")
+               for key in values if key not in trial.asked]
+    return trial.problems + unknown
+
+
+def check_enqueue(cfg: StudyConfig) -> StudyConfig:
+    """``cfg``, or :class:`InvalidStudyFile` naming each value of ``search.enqueue`` that its
+    space would not suggest (the runner and ``mnist-opt check`` call it: the schema in
+    :mod:`~.config` cannot, since the space is built on it)."""
+    problems = [Problem(f"search.enqueue[{i}].{key}", message)
+                for i, values in enumerate(cfg.search.enqueue)
+                for key, message in value_problems(cfg, values)]
+    if problems:
+        raise InvalidStudyFile(cfg.path or cfg.name, problems)
+    return cfg
 
 
 def fixed_space(model: str, params: dict[str, Any]) -> dict[str, Any]:
