@@ -96,7 +96,7 @@ bench-quick: $(VENV)/.bench  ## the same benchmark reduced (subset, few trials, 
 bench-throughput: install  ## trial-epochs per second of make study with 1 worker and every core, and a worker's replacement cost (3 rounds; ~20 min)
 	$(BIN)/python bench/throughput.py $(ARGS)
 
-bench-speedup: install  ## make study NAME=mlp_tpe as shipped, 1 worker vs every core, 3 alternating pairs (~30 min)
+bench-speedup: install  ## make study NAME=mlp_tpe as shipped, 1 worker vs every core, 3 alternating pairs (about 25 min here)
 	$(BIN)/python bench/throughput.py --full $(ARGS)
 
 speedup-results: install  ## rewrite bench/results/speedup.md and the README's speedup section from speedup.json

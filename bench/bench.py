@@ -513,7 +513,8 @@ def _ran(w: dict) -> str:
     """When a workload ran, with which code and command (``ran``)."""
     r = w.get("ran") or {}
     return (f"{r.get('started', '?')} to {r.get('finished', '?')}, code "
-            f"{r.get('code') or 'not recorded'}, by `{r.get('command', '?')}`")
+            f"{r.get('code') or 'not recorded'}, by `{r.get('command', '?')}`"
+            + (f" ({r['note']})" if r.get("note") else ""))
 
 
 def render(out: dict, readme: bool = True, folder: Path = RESULTS) -> int:

@@ -158,6 +158,10 @@ def test_retrain_logs_evaluation_pictures_and_the_baseline(finished):
     assert cm.sum(axis=1).tolist() == np.bincount(data.load("mnist").y_test).tolist()
     assert np.trace(cm) / cm.sum() == pytest.approx(res.test_accuracy, abs=2e-4)
     assert run.data.metrics["test_errors"] == cm.sum() - np.trace(cm)
+    ranking = json.loads((folder / "pr_roc.json").read_text())["macro avg"]
+    assert run.data.metrics["test_macro_ap"] == pytest.approx(ranking["average_precision"])
+    assert run.data.metrics["test_macro_auc"] == pytest.approx(ranking["roc_auc"])
+    assert run.data.tags["lowest_ap_class"] in [str(i) for i in range(10)]
     report = json.loads((folder / "classification_report.json").read_text())
     assert [k for k in report if k.isdigit()] == [str(i) for i in range(10)]
     assert run.data.metrics["test_macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])

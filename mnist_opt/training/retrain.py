@@ -32,7 +32,7 @@ class RetrainResult:
     model_uri: str
     model_version: str | None
     test_accuracies: list[float] = field(default_factory=list)  # one per seed
-    evaluation: dict = field(default_factory=dict)  # macro F1, errors, weakest class
+    evaluation: dict = field(default_factory=dict)  # macro F1, AP, AUC, errors, weakest classes
     report_dir: Path | None = None
     baseline_accuracy: float | None = None
 
