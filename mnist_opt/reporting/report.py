@@ -6,7 +6,7 @@ import json
 import optuna
 
 from mnist_opt.reporting.trial_cost import epochs_trained, fixed_costs
-from mnist_opt.study.objectives import first_value, is_multi, pick, sign
+from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST, first_value, is_multi, pick, sign
 
 
 def _score(study: optuna.Study):
@@ -56,7 +56,22 @@ def table(study: optuna.Study, top: int, tolerance: float) -> str:
     if multi:
         lines.append(f"Pareto front (*): trials {', '.join(map(str, sorted(front)))}; "
                      f"> marks the trial retrain picks")
+    lines += promoted_lines(study)
     return "\n".join(lines)
+
+
+def promoted_lines(study: optuna.Study) -> list[str]:
+    """search.promote's ranking on the full data, best first, and the trial retrain takes."""
+    promoted = study.user_attrs.get(PROMOTED) or {}
+    if not promoted:
+        return []
+    ranked = sorted(promoted.items(), key=lambda kv: -kv[1]["val_accuracy"])
+    best = study.user_attrs.get(PROMOTED_BEST)
+    return ["promoted (re-trained on the full training split; retrain takes "
+            f"{'trial ' + str(best) if best is not None else 'none yet: new trials since'}):",
+            *[f"  trial {n}: full-data val_accuracy {r['val_accuracy']:.4f} after "
+              f"{r['epochs']:g} epochs (search value {r['search_value']:.4f})"
+              for n, r in ranked]]
 
 
 def _short(params: dict) -> dict:

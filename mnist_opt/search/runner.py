@@ -16,9 +16,11 @@ from mnist_opt.search import versions
 from mnist_opt.search.objective import (budget_spent, check_failures, epochs_done, failure_streak,
                                         finished_since, n_finished, optimize, started, summary)
 from mnist_opt.search.progress import StudyProgress
+from mnist_opt.search.promote import promote
 from mnist_opt.search.samplers import make_pruner, make_sampler
 from mnist_opt.search.warm import ENQUEUED, warm_start
 from mnist_opt.study.config import StudyConfig
+from mnist_opt.study.objectives import PROMOTED_BEST
 from mnist_opt.study.space import check_enqueue
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.tracking.storage import fail_dead_owners, make_storage, owner_gone, resolve_storage
@@ -89,11 +91,15 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     if remaining <= 0:
         print(f"study {cfg.name} already has {done} finished trials (target "
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
+        promote(cfg, study, verbose)  # what an interrupted promotion left
         return study
     if budget_spent(cfg, study):
         print(f"study {cfg.name} has spent its epoch budget ({epochs_done(study):g} of "
               f"search.epoch_budget={cfg.search.epoch_budget} epochs): nothing to run.")
+        promote(cfg, study, verbose)
         return study
+    if study.user_attrs.get(PROMOTED_BEST) is not None:  # new trials: ranked again at the end
+        study.set_user_attr(PROMOTED_BEST, None)
     tracking.close_orphans(study, experiment)
     if done:
         print(f"continuing study {cfg.name}: {done} finished trials in storage, {remaining} to go",
@@ -134,6 +140,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
                 mlflow.log_metric(f"n_{key}", result[key])
             log_plots(study, cfg.objective_names)
         check_owners(study)  # inside: the parent run ends FAILED, not FINISHED
+    promote(cfg, study, verbose)  # search.promote: the top-k again on the full data
     return study
 
 

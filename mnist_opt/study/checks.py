@@ -225,6 +225,10 @@ def check_search(search: dict, training: dict | None = None) -> list[Problem]:
                                 f"{metric} improves when it goes "
                                 f"{'up' if METRIC_DIRECTIONS[metric] == 'maximize' else 'down'}; "
                                 f"set direction: {METRIC_DIRECTIONS[metric]}"))
+    if search.get("promote") is not None and search.get("second_objective") is not None:
+        problems.append(Problem("search.promote", "a two-objective study picks from its Pareto "
+                                "front; promotion ranks by validation accuracy alone: remove "
+                                "search.promote or search.second_objective"))
     return problems + _report_steps(search, training or {})
 
 

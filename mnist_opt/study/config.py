@@ -76,6 +76,14 @@ class DataConfig(_Strict):
     search_subset: Optional[int] = Field(None, ge=100)
 
 
+class PromoteConfig(_Strict):
+    """Re-train the top-k complete configurations of a cheaper search (``data.search_subset``
+    or a smaller ``max_epochs``) on the full training split, one seed each; the best by
+    full-data validation accuracy is the study's pick (``mnist_opt.search.promote``)."""
+    top_k: int = Field(5, ge=1)
+    epochs: Optional[Union[int, float]] = Field(None, gt=0)  # default: retrain_epochs
+
+
 class SearchConfig(_Strict):
     sampler: Literal["tpe", "gp", "random", "grid", "qmc", "nsga2"] = "tpe"
     n_startup_trials: int = Field(10, ge=0)
@@ -113,6 +121,7 @@ class SearchConfig(_Strict):
     # trial parameters (units_l0, …), checked against the space on load; missing ones are
     # sampled. They count toward n_trials like any trial.
     enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
+    promote: Optional[PromoteConfig] = None
 
     @field_serializer("min_resource", "report_every")
     def _integral_as_int(self, value: float) -> float | int:
@@ -243,7 +252,7 @@ class InvalidStudyFile(StudyFileError):
 NOT_SEARCH: dict[str, Any] = {
     "name": True, "path": True, "description": True, "reference": True, "baseline": True,
     "search": {"n_trials", "timeout", "epoch_budget", "trials_per_worker",
-               "max_consecutive_failures", "pick_tolerance"},
+               "max_consecutive_failures", "pick_tolerance", "promote"},
     "training": {"retrain_epochs", "backend"}}  # how fast, not what, a study searches
 
 IN_EPOCH = ("report_every", "report_val_images")  # search keys that only matter below 1

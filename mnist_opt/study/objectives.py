@@ -30,11 +30,20 @@ def front_best(study: optuna.Study) -> float:
     return s * max(s * t.values[0] for t in study.best_trials)
 
 
+# study user attributes of search.promote (mnist_opt.search.promote): each promoted trial's
+# full-data results, and the trial that is best on them
+PROMOTED, PROMOTED_BEST = "promoted", "promoted_best"
+
+
 def pick(study: optuna.Study, tolerance: float) -> optuna.trial.FrozenTrial:
-    """The trial to show and retrain: the best one, or the rule's choice from the Pareto front.
+    """The trial to show and retrain: ``search.promote``'s winner once there is one, else the
+    best one, or the rule's choice from the Pareto front.
 
     Raises ValueError when no trial has completed (as ``study.best_trial`` does).
     """
+    promoted = study.user_attrs.get(PROMOTED_BEST)
+    if promoted is not None:  # re-trained on the full data: search.promote's winner
+        return study.trials[promoted]
     if not is_multi(study):
         return study.best_trial
     front = study.best_trials

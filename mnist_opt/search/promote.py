@@ -1,0 +1,93 @@
+"""Subset search, then promotion (``search.promote: {top_k, epochs}``).
+
+A study that searched cheaply (on ``data.search_subset``, or with a smaller ``max_epochs``)
+re-trains its top-k COMPLETE configurations (all when fewer) on the full training split for
+``epochs`` (default ``retrain_epochs``), one seed each (the trial's), and ranks them by that
+validation accuracy: the winner becomes the study's pick (``objectives.pick``), so ``retrain``
+and ``report`` use the promoted ranking. Finished trials cannot take new user attributes in
+Optuna, so the results are the study's user attribute ``promoted`` (trial number → full-data
+validation accuracy, epochs, MLflow run) and ``promoted_best``; in MLflow, a ``promote`` run
+with one nested run per configuration, tagged ``promoted``. A rerun after an interruption
+promotes only what is missing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import optuna
+
+from mnist_opt import data
+from mnist_opt.study.config import StudyConfig
+from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST, sign
+from mnist_opt.study.space import suggest_params
+from mnist_opt.tracking import runs as tracking
+from mnist_opt.training.callbacks import TrialCallback
+from mnist_opt.training.loop import fresh_model, train
+
+
+def top_complete(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` best COMPLETE trials by the study's value (all of them when fewer)."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-sign(study) * t.values[0], t.number))[:k]
+
+
+def full_split(cfg: StudyConfig) -> data.Split:
+    """The study's split of all its training images (``train_subset``, not the search's)."""
+    return data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
+                      cfg.data.train_subset)
+
+
+def _train_one(cfg: StudyConfig, trial: optuna.trial.FrozenTrial, split: data.Split,
+               epochs: float, verbose: bool) -> dict[str, Any]:
+    """One configuration on the full split, in a nested run tagged ``promoted``."""
+    params = suggest_params(optuna.trial.FixedTrial(trial.params), cfg)
+    parent = mlflow.active_run().info  # the promote run: its experiment, not the active one
+    with mlflow.start_run(run_name=f"promote-trial-{trial.number}", nested=True,
+                          experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
+                          tags={"promoted": "true", "trial_number": str(trial.number),
+                                "mnist_opt.kind": "promote-trial"}) as run:
+        mlflow.log_params({**params, "epochs": epochs, "n_train": len(split.y_train)})
+        model = fresh_model(params, cfg.search.seed + trial.number)
+        callback = TrialCallback(None, epochs=epochs, label=f"promote {trial.number}",
+                                 verbose=verbose)
+        history = train(model, params, (split.x_train, split.y_train),
+                        (split.x_val, split.y_val), epochs, [callback],
+                        seed=cfg.search.seed + trial.number)
+        tracking.log_model(model)
+    return {"val_accuracy": float(history.history["val_accuracy"][-1]), "epochs": epochs,
+            "search_value": trial.values[0], "mlflow_run_id": run.info.run_id}
+
+
+def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,
+            out=print) -> dict[str, Any] | None:
+    """Promote what is missing of the top-k, then rank them; None without ``search.promote``
+    or a complete trial. Returns the ``promoted`` attribute with the winner under ``best``."""
+    setting = cfg.search.promote
+    top = top_complete(study, setting.top_k) if setting else []
+    if not top:
+        return None
+    done: dict[str, Any] = dict(study.user_attrs.get(PROMOTED, {}))
+    todo = [t for t in top if str(t.number) not in done]
+    epochs = setting.epochs or cfg.retrain_epochs
+    if todo:
+        split = full_split(cfg)
+        out(f"promoting {len(todo)} of the top {len(top)} configurations: {len(split.y_train)} "
+            f"training images, {epochs:g} epochs each")
+        experiment = tracking.open_experiment(cfg.name)
+        with mlflow.start_run(run_name="promote", experiment_id=experiment,
+                              tags={"mnist_opt.kind": "promote", "optuna.study_name": cfg.name}):
+            for trial in todo:
+                done[str(trial.number)] = _train_one(cfg, trial, split, epochs, verbose)
+                study.set_user_attr(PROMOTED, done)  # kept when interrupted
+                out(f"  trial {trial.number}: search value {trial.values[0]:.4f}, full-data "
+                    f"validation accuracy {done[str(trial.number)]['val_accuracy']:.4f}")
+            best = max(top, key=lambda t: (done[str(t.number)]["val_accuracy"], -t.number))
+            mlflow.set_tag("promoted_best_trial", str(best.number))
+            mlflow.log_metric("promoted_best_val_accuracy",
+                              done[str(best.number)]["val_accuracy"])
+    best = max(top, key=lambda t: (done[str(t.number)]["val_accuracy"], -t.number))
+    study.set_user_attr(PROMOTED_BEST, best.number)
+    out(f"promoted pick: trial {best.number} (full-data validation accuracy "
+        f"{done[str(best.number)]['val_accuracy']:.4f}; search's best was trial {top[0].number})")
+    return {**done, "best": best.number}

@@ -1,0 +1,88 @@
+"""Subset search, then promotion (``search.promote``): real studies on small subsets, a real
+SQLite storage and MLflow store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mnist_opt.reporting.report import table
+from mnist_opt.search.promote import full_split, top_complete
+from mnist_opt.search.runner import run_study
+from mnist_opt.study.config import InvalidStudyFile, load_config
+from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST
+from mnist_opt.training.retrain import best_trial
+
+
+def _file(tmp_path: Path, n_trials: int = 4, **search) -> Path:
+    """Trials search 300 of the study's 1,000 images for one epoch; promotion trains the
+    top 2 on all 800 training images for 2 epochs."""
+    doc = {"dataset": "mnist", "model": "mlp",
+           "data": {"val_fraction": 0.2, "seed": 1, "train_subset": 1000, "search_subset": 300},
+           "search": {"sampler": "random", "pruner": "none", "n_trials": n_trials, "seed": 5,
+                      "promote": {"top_k": 2, "epochs": 2}, **search},
+           "training": {"max_epochs": 1},
+           "space": {"n_layers": 1, "units": {"low": 8, "high": 64, "log": True},
+                     "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+                     "batch_size": 50}}
+    path = tmp_path / "subset.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _promote_runs(study_name: str) -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(study_name)
+    return client.search_runs([exp.experiment_id], "tags.promoted = 'true'")
+
+
+def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(stores,
+                                                                               tmp_path):
+    cfg = load_config(_file(tmp_path))
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    top = top_complete(study, 2)
+    promoted = study.user_attrs[PROMOTED]
+    assert sorted(promoted) == sorted(str(t.number) for t in top)
+    runs = {r.data.tags["trial_number"]: r for r in _promote_runs(cfg.name)}
+    assert sorted(runs) == sorted(promoted)
+    for number, result in promoted.items():
+        run = runs[number]
+        assert run.data.metrics["val_accuracy"] == pytest.approx(result["val_accuracy"])
+        assert run.data.params["n_train"] == "800" and result["epochs"] == 2
+        assert run.data.metrics["epoch"] == 2
+    winner = max(promoted, key=lambda n: promoted[n]["val_accuracy"])
+    assert study.user_attrs[PROMOTED_BEST] == int(winner)
+    assert best_trial(cfg, stores["storage"]).number == int(winner)  # retrain's choice
+    assert f"retrain takes trial {winner}" in table(study, 5, 0.005)
+    assert len(full_split(cfg).y_train) == 800 and cfg.search_subset == 300
+
+
+def test_a_rerun_promotes_only_what_is_missing(stores, tmp_path):
+    cfg = load_config(_file(tmp_path))
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    assert len(_promote_runs(cfg.name)) == 2
+    run_study(cfg, stores["storage"], verbose=False, progress=False)  # nothing missing
+    assert len(_promote_runs(cfg.name)) == 2
+    promoted = study.user_attrs[PROMOTED]
+    kept = dict(list(promoted.items())[:1])  # as if interrupted after the first
+    study.set_user_attr(PROMOTED, kept)
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    assert len(_promote_runs(cfg.name)) == 3
+    assert study.user_attrs[PROMOTED][next(iter(kept))] == kept[next(iter(kept))]
+    assert sorted(study.user_attrs[PROMOTED]) == sorted(promoted)
+
+
+def test_promotion_needs_one_objective(tmp_path):
+    path = _file(tmp_path, second_objective="n_params", pruner="none")
+    with pytest.raises(InvalidStudyFile, match="search.promote"):
+        load_config(path)
+
+
+def test_promote_settings_do_not_change_what_the_study_searches(tmp_path):
+    with_promote = load_config(_file(tmp_path)).digest
+    doc = yaml.safe_load(_file(tmp_path).read_text())
+    del doc["search"]["promote"]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(doc))
+    assert load_config(tmp_path / "plain.yaml").digest == with_promote
