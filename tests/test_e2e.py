@@ -195,6 +195,10 @@ def test_retrain_with_seeds_reports_mean_and_std_of_nested_runs(finished):
     assert parent.data.metrics["test_accuracy"] == pytest.approx(np.mean(accs))
     assert parent.data.metrics["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
     assert parent.data.params["seeds"] == "2" and res.model_version == "2"
+    # @champion: the version with the higher mean test accuracy (a tie goes to the newer)
+    first = float(client.get_model_version("mlp_tpe", "1").tags["test_accuracy"])
+    assert res.champion == ("1" if first > res.test_accuracy else "2")
+    assert str(client.get_model_version_by_alias("mlp_tpe", "champion").version) == res.champion
     # the table reads back this latest retrain, and the README update keeps the text around it
     assert row["seeds"] == 2 and row["test"] == pytest.approx(res.test_accuracy)
     assert row["complete"] + row["pruned"] == N_TRIALS

@@ -254,6 +254,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
           f"{res.report_dir}/ and the MLflow run's evaluation/")
     print(f"MLflow run {res.run_id}; registered model {cfg.name} version {res.model_version} "
           f"(models:/{cfg.name}/{res.model_version})")
+    if res.champion:
+        print(f"models:/{cfg.name}@champion is version {res.champion}" +
+              (" (this one)" if res.champion == res.model_version else
+               " (a higher test accuracy than this one's)"))
     return 0
 
 

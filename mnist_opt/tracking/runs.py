@@ -317,6 +317,26 @@ def log_model(model: keras.Model, registered_name: str | None = None):
                                   registered_model_name=registered_name)
 
 
+CHAMPION = "champion"  # the registered model's alias: its best retrained version so far
+
+
+def crown(name: str, version: str, test_accuracy: float) -> str:
+    """Give ``version`` of registered model ``name`` the alias ``@champion`` unless the version
+    holding it has a higher test accuracy (mean over seeds, a version tag); returns the
+    version that holds it now."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    try:
+        held = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        held = None
+    if held is not None and str(held.version) != str(version) and \
+            float(held.tags.get("test_accuracy", "-inf")) > test_accuracy:
+        return str(held.version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return version
+
+
 def log_best_so_far(parent_run_id: str, tolerance: float):
     """An Optuna callback: the parent run's ``best_value`` curve, one point per finished trial.
 

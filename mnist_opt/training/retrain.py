@@ -35,6 +35,7 @@ class RetrainResult:
     evaluation: dict = field(default_factory=dict)  # macro F1, AP, AUC, errors, weakest classes
     report_dir: Path | None = None
     baseline_accuracy: float | None = None
+    champion: str | None = None  # the registered version that holds @champion after this one
 
     @property
     def test_std(self) -> float:
@@ -131,6 +132,8 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
                                if info.registered_model_version else None, accs, summary, folder)
         mlflow.log_metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
                             "test_accuracy_std": result.test_std, "best_val_accuracy": val_accuracy})
+        if result.model_version:  # @champion: the best retrained version by test accuracy
+            result.champion = tracking.crown(cfg.name, result.model_version, result.test_accuracy)
         if cfg.baseline is not None:
             result.baseline_accuracy = _baseline(cfg, train_xy, ds, exp, all_seeds[0], verbose)
             mlflow.log_metrics({"baseline_test_accuracy": result.baseline_accuracy,
