@@ -355,3 +355,16 @@ def test_apply_refuses_a_learning_rate_that_is_not_a_range(stores, tmp_path, mon
     assert "space.learning_rate is" in err and what in err and "without --apply" in err
     assert (folder / "small.yaml").read_text() == text
     assert not (tmp_path / "reports").exists()  # refused before any training
+
+
+def test_the_range_test_trains_a_label_smoothing_model_on_one_hot_targets():
+    """lr-find on a study with label smoothing (the one-cycle recipes): the model compiled with
+    CategoricalCrossentropy gets one-hot labels, and the curve has a finite loss per batch."""
+    from mnist_opt import data
+
+    split = data.split(data.load("mnist"), 0.2, 1, 600)
+    params = {"n_layers": 1, "units_l0": 16, "dropout_l0": 0.0, "batch_norm": False,
+              "activation": "relu", "optimizer": "adam", "learning_rate": 1e-3,
+              "batch_size": 32, "lr_schedule": "none", "label_smoothing": 0.1}
+    curve = lrfind.range_test(params, split.x_train, split.y_train, 1e-5, 1e-1, 12, seed=0)
+    assert len(curve.losses) == 12 and all(np.isfinite(curve.losses))

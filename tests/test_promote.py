@@ -86,3 +86,16 @@ def test_promote_settings_do_not_change_what_the_study_searches(tmp_path):
     del doc["search"]["promote"]
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(doc))
     assert load_config(tmp_path / "plain.yaml").digest == with_promote
+
+
+def test_a_changed_promotion_budget_trains_them_again(stores, tmp_path):
+    cfg = load_config(_file(tmp_path))
+    run_study(cfg, stores["storage"], verbose=False, progress=False)
+    longer = load_config(_file(tmp_path, promote={"top_k": 2, "epochs": 3}))
+    study = run_study(longer, stores["storage"], verbose=False, progress=False)
+    assert {r["epochs"] for r in study.user_attrs[PROMOTED].values()} == {3}
+    assert len(_promote_runs(cfg.name)) == 4
+    fewer = load_config(_file(tmp_path, promote={"top_k": 1, "epochs": 3}))
+    study = run_study(fewer, stores["storage"], verbose=False, progress=False)
+    assert list(study.user_attrs[PROMOTED]) == [str(top_complete(study, 1)[0].number)]
+    assert len(_promote_runs(cfg.name)) == 4  # the best one's result is kept

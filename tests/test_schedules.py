@@ -194,6 +194,7 @@ def _study_file(tmp_path: Path, **space) -> Path:
     ({"lr_schedule": "none", "div_factor": 10.0}, "space.div_factor", "lr_schedule"),
     ({"label_smoothing": 0.7}, "space.label_smoothing", "[0, 0.5]"),
     ({"optimizer": "sgdx"}, "space.optimizer", "sgdw"),
+    ({"lr_schedule": "one_cycle", "momentum_high": 0.0}, "space.momentum_high", "[0.5, 0.999]"),
 ])
 def test_recipe_values_outside_the_table_are_refused(tmp_path, space, where, says):
     with pytest.raises(InvalidStudyFile) as err:
@@ -267,3 +268,19 @@ def test_a_one_cycle_model_saves_and_loads_with_its_optimizer_mid_cycle(tmp_path
     assert (name, int(step)) == ("OneCycleAdamW", 20)
     assert (float(lr), float(momentum)) == pytest.approx(expected_one_cycle(20, params, 60),
                                                          rel=1e-5)
+
+
+def test_label_smoothing_with_a_val_loss_metric_is_refused(tmp_path):
+    path = _study_file(tmp_path, label_smoothing={"low": 0.0, "high": 0.2})
+    doc = yaml.safe_load(path.read_text())
+    doc["search"].update(metric="val_loss", direction="minimize")
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InvalidStudyFile, match="space.label_smoothing.*val_loss"):
+        load_config(path)
+
+
+def test_momentum_bounds_in_either_order_give_the_one_cycle_shape():
+    params = {**BASE, **ONE_CYCLE, "optimizer": "sgd", "momentum_low": 0.95,
+              "momentum_high": 0.85}
+    opt = make_optimizer(params, steps_per_epoch=10, epochs=1)
+    assert (opt.momentum_low, opt.momentum_high) == (0.85, 0.95)

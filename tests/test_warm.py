@@ -150,3 +150,27 @@ def test_a_new_version_of_a_changed_file_starts_from_the_old_one(stores, tmp_pat
         assert 8 <= here.params["units_l0"] <= 16  # sampled where the old value is outside
         if t.params["units_l0"] <= 16:
             assert here.params["units_l0"] == t.params["units_l0"]
+
+
+def test_a_changed_recipe_or_a_missing_choice_queues_instead_of_copying(stores, tmp_path):
+    """The source ran a fixed batch of 64 and a choice this study lacks: nothing is copied
+    (a fixed entry is no distribution, yet it changes what the values mean), and the
+    choice it lacks is left to the sampler instead of failing."""
+    source = _file(tmp_path, "wide", n_trials=2)
+    doc = yaml.safe_load(source.read_text())
+    doc["space"]["activation"] = {"choices": ["elu"]}  # a choice the target lacks
+    source.write_text(yaml.safe_dump(doc))
+    old = _run(source, stores["storage"])
+    doc["space"]["activation"] = {"choices": ["relu", "gelu"]}
+    doc["space"]["batch_size"] = 32
+    target = tmp_path / "narrow.yaml"
+    target.write_text(yaml.safe_dump(doc))
+    study = run_study(load_config(target), stores["storage"], verbose=False, progress=False,
+                      warm_from="wide", warm_top=2)
+    assert not any(copied(t) for t in study.trials)
+    queued = [t for t in study.trials if t.user_attrs.get(KIND) == "enqueued"]
+    assert len(queued) == 2 and all(t.params["activation"] in ("relu", "gelu") for t in queued)
+    assert "activation" not in queued[0].system_attrs.get("fixed_params", {})
+    by_source = {t.user_attrs[SOURCE]: t for t in queued}
+    for t in old.trials:
+        assert by_source[f"wide#{t.number}"].params["units_l0"] == t.params["units_l0"]

@@ -56,7 +56,8 @@ def _train_one(cfg: StudyConfig, trial: optuna.trial.FrozenTrial, split: data.Sp
                         seed=cfg.search.seed + trial.number)
         tracking.log_model(model)
     return {"val_accuracy": float(history.history["val_accuracy"][-1]), "epochs": epochs,
-            "search_value": trial.values[0], "mlflow_run_id": run.info.run_id}
+            "n_train": len(split.y_train), "search_value": trial.values[0],
+            "mlflow_run_id": run.info.run_id}
 
 
 def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,
@@ -67,11 +68,19 @@ def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,
     top = top_complete(study, setting.top_k) if setting else []
     if not top:
         return None
-    done: dict[str, Any] = dict(study.user_attrs.get(PROMOTED, {}))
-    todo = [t for t in top if str(t.number) not in done]
     epochs = setting.epochs or cfg.retrain_epochs
+    split = full_split(cfg)
+    # only the current top-k, and only results of this budget: a changed promote.epochs or
+    # train_subset trains them again
+    same = {"epochs": epochs, "n_train": len(split.y_train)}
+    earlier = study.user_attrs.get(PROMOTED, {})
+    done: dict[str, Any] = {str(t.number): earlier[str(t.number)] for t in top
+                            if str(t.number) in earlier and all(
+                                earlier[str(t.number)].get(k) == v for k, v in same.items())}
+    todo = [t for t in top if str(t.number) not in done]
+    if done != earlier:
+        study.set_user_attr(PROMOTED, done)
     if todo:
-        split = full_split(cfg)
         out(f"promoting {len(todo)} of the top {len(top)} configurations: {len(split.y_train)} "
             f"training images, {epochs:g} epochs each")
         experiment = tracking.open_experiment(cfg.name)

@@ -91,6 +91,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     if remaining <= 0:
         print(f"study {cfg.name} already has {done} finished trials (target "
               f"n_trials={cfg.search.n_trials}): nothing to run. Raise --n-trials to search more.")
+        if warm_from:
+            print(f"--warm-start {warm_from} ignored: warm starts seed trials still to run")
         promote(cfg, study, verbose)  # what an interrupted promotion left
         return study
     if budget_spent(cfg, study):

@@ -27,8 +27,11 @@ KIND = "warm_start"  # trial user attribute: "copied" or "enqueued"
 ENQUEUED = "enqueued_from"  # trial user attribute of search.enqueue's configurations
 SEEDED = (SOURCE, KIND, ENQUEUED)  # what a queued trial's MLflow run is tagged with
 # what a copied trial's value must mean the same in both studies (their search sections)
-SAME = (("dataset",), ("data",), ("search", "metric"), ("search", "direction"),
-        ("search", "report_every"), ("training", "max_epochs"))
+SAME = (("dataset",), ("model",), ("data",), ("search", "metric"), ("search", "direction"),
+        ("search", "report_every"), ("training", "max_epochs"), ("parameter_table_version",))
+# the source's bookkeeping that would be wrong here: its epochs count toward no budget of this
+# study, its timestamps are of another run (fixed cost, time to target)
+NOT_COPIED = ("epoch_log", "epochs", "pruned_at_epoch", "rss_mb", "pid")
 
 
 def copied(trial: optuna.trial.FrozenTrial) -> bool:
@@ -68,8 +71,22 @@ def mismatch(source: optuna.Study, cfg: StudyConfig) -> str:
         return f"{source.study_name} records no search section (begun before mnist_opt stored it)"
     ours["search"].setdefault("report_every", 1)
     theirs.get("search", {}).setdefault("report_every", 1)
-    return "; ".join(f"{'.'.join(p)} {_get(theirs, p)!r} there, {_get(ours, p)!r} here"
-                     for p in SAME if _get(theirs, p) != _get(ours, p))
+    differ = [f"{'.'.join(p)} {_get(theirs, p)!r} there, {_get(ours, p)!r} here"
+              for p in SAME if _get(theirs, p) != _get(ours, p)]
+    fixed = (_fixed(theirs.get("space", {})), _fixed(ours.get("space", {})))
+    differ += [f"space.{key} fixed at {fixed[0].get(key)!r} there, {fixed[1].get(key)!r} here"
+               for key in sorted(set(fixed[0]) | set(fixed[1])) if fixed[0].get(key) !=
+               fixed[1].get(key)]
+    return "; ".join(differ)
+
+
+def _fixed(space: dict[str, Any]) -> dict[str, Any]:
+    """A space's fixed entries (a recipe such as ``lr_schedule: one_cycle``): not searched,
+    so no distribution shows them, yet they change what a trial's value means."""
+    def searched(spec: Any) -> bool:
+        return isinstance(spec, dict) or (isinstance(spec, list) and
+                                           any(isinstance(s, dict) for s in spec))
+    return {key: spec for key, spec in space.items() if not searched(spec)}
 
 
 def _as_here(trial: optuna.trial.FrozenTrial,
@@ -110,10 +127,11 @@ def warm_start(study: optuna.Study, cfg: StudyConfig, source_name: str, storage:
         if tag in seeded:
             out.already += 1
             continue
-        params, distributions = _as_here(trial, cfg)
-        if not out.why_not_copied and (params, distributions) == (trial.params,
-                                                                  trial.distributions):
-            attrs = {**trial.user_attrs, SOURCE: tag, KIND: "copied",
+        outside = {key for key, _ in value_problems(cfg, trial.params)}
+        if not out.why_not_copied and not outside and \
+                _as_here(trial, cfg) == (trial.params, trial.distributions):
+            kept = {k: v for k, v in trial.user_attrs.items() if k not in NOT_COPIED}
+            attrs = {**kept, SOURCE: tag, KIND: "copied",
                      "source_mlflow_run_id": trial.user_attrs.get("mlflow_run_id")}
             if parent is not None:
                 attrs["mlflow_run_id"] = _log_copy(study, parent, trial, tag)
@@ -123,9 +141,8 @@ def warm_start(study: optuna.Study, cfg: StudyConfig, source_name: str, storage:
             out.copied.append(trial.number)
         else:
             out.why_not_copied = out.why_not_copied or "the spaces differ"
-            # values this space would not suggest (a narrowed range, a dropped layer) are
-            # left to the sampler
-            outside = {key for key, _ in value_problems(cfg, trial.params)}
+            # values this space would not suggest (a narrowed range, a choice it lacks, a
+            # dropped layer) are left to the sampler
             study.enqueue_trial({k: v for k, v in trial.params.items() if k not in outside},
                                 user_attrs={SOURCE: tag, KIND: "enqueued"})
             out.enqueued.append(trial.number)

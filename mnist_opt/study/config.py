@@ -306,6 +306,11 @@ def _table_problems(doc: dict) -> list[Problem]:
     search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
     training = doc.get("training") if isinstance(doc.get("training"), dict) else {}
     problems = check_search(search, training)
+    smoothing = space.get("label_smoothing") if isinstance(space, dict) else None
+    if search.get("metric") == "val_loss" and smoothing not in (None, 0, 0.0):
+        problems.append(Problem("space.label_smoothing", "with metric val_loss: the smoothed "
+                                "loss has a floor that grows with the smoothing, so trials "
+                                "would not compare; use metric val_accuracy or label_smoothing: 0"))
     if model is None:  # the schema reports the model; nothing can be said of its parameters
         return problems
     if isinstance(space, dict):

@@ -88,13 +88,15 @@ def make_optimizer(params: dict[str, Any], steps_per_epoch: int,
         lr = schedules.cosine(lr, steps, schedules.warmup_steps(params["cosine_warmup"], steps))
     elif schedule == "one_cycle":
         steps = schedules.total_steps(steps_per_epoch, epochs)
-        cycled = dict(momentum_low=params["momentum_low"], momentum_high=params["momentum_high"],
+        # the lower bound at the peak whichever way the file gives them (one-cycle's shape)
+        low, high = sorted(float(params[k]) for k in ("momentum_low", "momentum_high"))
+        cycled = dict(momentum_low=low, momentum_high=high,
                       warmup=schedules.warmup_steps(params["warmup_fraction"], steps), steps=steps)
         lr = schedules.one_cycle_lr(params, steps)
         if name not in schedules.ONE_CYCLE:  # RMSprop: no momentum to cycle, the rate only
             return OPTIMIZERS[name](lr, **args)
         if "momentum" in args:
-            args["momentum"] = params["momentum_high"]  # read by SGD's build only
+            args["momentum"] = high  # read by SGD's build only: above 0, so it makes slots
         return schedules.ONE_CYCLE[name](lr, **args, **cycled)
     return OPTIMIZERS[name](lr, **args)
 

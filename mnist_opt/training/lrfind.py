@@ -57,7 +57,8 @@ from mnist_opt.study.objectives import pick  # noqa: E402
 from mnist_opt.study.params import table  # noqa: E402
 from mnist_opt.study.space import MidpointTrial, suggest_params  # noqa: E402
 from mnist_opt.tracking.storage import load_existing  # noqa: E402
-from mnist_opt.training.loop import compile_model, fresh_model, make_dataset, study_split  # noqa: E402
+from mnist_opt.training.loop import (classes_of, compile_model, fresh_model,  # noqa: E402
+                                     make_dataset, study_split)
 from mnist_opt.tracking.urls import sqlite_path  # noqa: E402
 
 BETA = 0.98  # EMA of the loss, bias-corrected (fastai, Smith)
@@ -188,7 +189,8 @@ def range_test(params: dict[str, Any], x: np.ndarray, y: np.ndarray, min_lr: flo
     model = fresh_model(params, seed)
     compile_model(model, params, len(y), steps_per_execution=1)  # every batch seen
     test = RangeTest(lr_schedule(min_lr, max_lr, steps))
-    ds = make_dataset(x, y, batch_size=params["batch_size"], shuffle_seed=seed).take(steps)
+    ds = make_dataset(x, y, batch_size=params["batch_size"], shuffle_seed=seed,
+                      classes=classes_of(model)).take(steps)  # one-hot under label smoothing
     model.fit(ds, epochs=1, callbacks=[test], verbose=0, shuffle=False)
     interrupt.check()
     return test.curve
