@@ -55,6 +55,11 @@ def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(st
     winner = max(promoted, key=lambda n: promoted[n]["val_accuracy"])
     assert study.user_attrs[PROMOTED_BEST] == int(winner)
     assert best_trial(cfg, stores["storage"]).number == int(winner)  # retrain's choice
+    from mnist_opt.training.retrain import retrain
+
+    res = retrain(cfg, stores["storage"], verbose=False)
+    assert res.trial_number == int(winner)
+    assert res.val_accuracy == pytest.approx(promoted[winner]["val_accuracy"])
     assert f"retrain takes trial {winner}" in table(study, 5, 0.005)
     assert len(full_split(cfg).y_train) == 800 and cfg.search_subset == 300
 

@@ -44,6 +44,10 @@ class RetrainResult:
 
 def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
     study = load_existing(cfg.name, storage)
+    if cfg.search.promote and study.user_attrs.get(objectives.PROMOTED_BEST) is None:
+        print(f"note: {cfg.name} has no promoted pick (search.promote had not finished, or "
+              f"new trials came since): taking the search's best; run `mnist-opt study "
+              f"{cfg.name}` to promote first")
     try:
         return objectives.pick(study, cfg.search.pick_tolerance)
     except ValueError:
@@ -90,6 +94,9 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
     storage = resolve_storage(storage)
     best = best_trial(cfg, storage)
     val_accuracy = float(best.user_attrs.get("val_accuracy", best.values[0]))
+    promoted = load_existing(cfg.name, storage).user_attrs.get(objectives.PROMOTED, {})
+    if str(best.number) in promoted:  # its full-data validation accuracy, not the subset's
+        val_accuracy = float(promoted[str(best.number)]["val_accuracy"])
     params = suggest_params(optuna.trial.FixedTrial(best.params), cfg)
     ds = data.load(cfg.dataset)
     train_xy = _training_images(cfg, ds)
