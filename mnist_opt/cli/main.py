@@ -287,8 +287,14 @@ def cmd_results(args: argparse.Namespace) -> int:
     rows = results.collect(args.names)
     table = results.markdown(rows)
     if args.update:
-        results.update_file(Path(args.update), table)
-        print(f"wrote the results of {len(rows)} studies into {args.update}")
+        from mnist_opt.study.config import known_studies
+
+        known = known_studies()
+        kept = results.kept_lines(Path(args.update), {r["study"] for r in rows}, known)
+        results.update_file(Path(args.update), results.markdown(rows, kept, known))
+        print(f"wrote the results of {len(rows)} studies into {args.update}"
+              + (f"; kept the lines of {', '.join(sorted(kept))} as they were (no retrain of "
+                 f"them in this MLflow store)" if kept else ""))
     else:
         print(table, end="")
     if not rows:

@@ -62,24 +62,48 @@ def collect(names: list[str] | None = None) -> list[dict]:
     return [row for row in rows if row]
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| study | data / model | sampler + pruner | trials (complete/pruned) | search | "
-            "retrain | best val | baseline (1 seed) | **test** (mean ± std) | published | beaten |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
-    for r in rows:
-        ref = f"{r['reference']:.1%} ({r['source']})" if r["reference"] else "—"
-        test = (f"**{r['test']:.2%} ± {r['std']:.2%}**" if r["seeds"] > 1
-                else f"**{r['test']:.2%}** (1 seed)")
-        beaten = "—" if r["reference"] is None else ("yes" if r["test"] >= r["reference"] else "no")
-        lines.append(
-            f"| {r['study']} | {r['dataset']} {r['model']} | {r['sampler']} + {r['pruner']} | "
+HEAD = ("| study | data / model | sampler + pruner | trials (complete/pruned) | search | "
+        "retrain | best val | baseline (1 seed) | **test** (mean ± std) | published | beaten |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _line(r: dict) -> str:
+    ref = f"{r['reference']:.1%} ({r['source']})" if r["reference"] else "—"
+    test = (f"**{r['test']:.2%} ± {r['std']:.2%}**" if r["seeds"] > 1
+            else f"**{r['test']:.2%}** (1 seed)")
+    beaten = "—" if r["reference"] is None else ("yes" if r["test"] >= r["reference"] else "no")
+    return (f"| {r['study']} | {r['dataset']} {r['model']} | {r['sampler']} + {r['pruner']} | "
             f"{r['complete'] + r['pruned']} ({r['complete']}/{r['pruned']}) | "
             f"{r['search_s'] / 60:.1f} min | {r['seeds']}× {r['epochs']:g} ep, "
             f"{r['retrain_s'] / 60:.1f} min | {r['val']:.4f} | "
             f"{'—' if r['baseline'] is None else format(r['baseline'], '.2%')} | "
             f"{test} | {ref} | {beaten} |")
-    return head + "\n".join(lines) + "\n"
+
+
+def markdown(rows: list[dict], kept: dict[str, str] | None = None,
+             order: list[str] | None = None) -> str:
+    """The table: a line per row, and the ``kept`` lines (study → its line as the README had
+    it), in ``order`` of study names (rows first-come otherwise)."""
+    lines = {r["study"]: _line(r) for r in rows}
+    lines.update({name: line for name, line in (kept or {}).items() if name not in lines})
+    names = [n for n in (order or []) if n in lines] + [n for n in lines if n not in (order or [])]
+    return HEAD + "\n".join(lines[n] for n in names) + "\n"
+
+
+def kept_lines(path: Path, fresh: set[str], known: list[str]) -> dict[str, str]:
+    """The lines ``path``'s table has for known studies that this MLflow store has no retrain
+    of: a store without the runs behind a line (another machine's, a cleaned ``mlruns/``)
+    keeps it as the command wrote it then, rather than dropping it."""
+    text = path.read_text()
+    if START not in text or END not in text:
+        return {}
+    block = text.split(START, 1)[1].split(END, 1)[0]
+    out = {}
+    for line in block.splitlines():
+        name = line.strip().strip("|").split("|")[0].strip() if line.startswith("|") else ""
+        if name in known and name not in fresh:
+            out[name] = line
+    return out
 
 
 def update_file(path: Path, table: str) -> None:
