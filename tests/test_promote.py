@@ -9,10 +9,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.reporting.report import table
-from mnist_opt.search.promote import full_split, top_complete
 from mnist_opt.search.runner import run_study
 from mnist_opt.study.config import InvalidStudyFile, load_config
-from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST
+from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST, top_complete
+from mnist_opt.training.loop import study_split
 from mnist_opt.training.retrain import best_trial
 
 
@@ -61,7 +61,7 @@ def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(st
     assert res.trial_number == int(winner)
     assert res.val_accuracy == pytest.approx(promoted[winner]["val_accuracy"])
     assert f"retrain takes trial {winner}" in table(study, 5, 0.005)
-    assert len(full_split(cfg).y_train) == 800 and cfg.search_subset == 300
+    assert len(study_split(cfg, full=True).y_train) == 800 and cfg.search_subset == 300
 
 
 def test_a_rerun_promotes_only_what_is_missing(stores, tmp_path):

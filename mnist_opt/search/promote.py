@@ -12,30 +12,18 @@ promotes only what is missing.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import mlflow
 import optuna
 
-from mnist_opt import data
 from mnist_opt.study.config import StudyConfig
-from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST, sign
+from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST, top_complete
 from mnist_opt.study.space import suggest_params
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.training.callbacks import TrialCallback
-from mnist_opt.training.loop import fresh_model, train
-
-
-def top_complete(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``k`` best COMPLETE trials by the study's value (all of them when fewer)."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-sign(study) * t.values[0], t.number))[:k]
-
-
-def full_split(cfg: StudyConfig) -> data.Split:
-    """The study's split of all its training images (``train_subset``, not the search's)."""
-    return data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                      cfg.data.train_subset)
+from mnist_opt.training.loop import fresh_model, study_split, train
 
 
 def _train_one(cfg: StudyConfig, trial: optuna.trial.FrozenTrial, split: data.Split,
@@ -69,7 +57,7 @@ def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,
     if not top:
         return None
     epochs = setting.epochs or cfg.retrain_epochs
-    split = full_split(cfg)
+    split = study_split(cfg, full=True)
     # only the current top-k, and only results of this budget: a changed promote.epochs or
     # train_subset trains them again
     same = {"epochs": epochs, "n_train": len(split.y_train)}
@@ -83,19 +71,21 @@ def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,
     if todo:
         out(f"promoting {len(todo)} of the top {len(top)} configurations: {len(split.y_train)} "
             f"training images, {epochs:g} epochs each")
-        experiment = tracking.open_experiment(cfg.name)
-        with mlflow.start_run(run_name="promote", experiment_id=experiment,
-                              tags={"mnist_opt.kind": "promote", "optuna.study_name": cfg.name}):
-            for trial in todo:
-                done[str(trial.number)] = _train_one(cfg, trial, split, epochs, verbose)
-                study.set_user_attr(PROMOTED, done)  # kept when interrupted
-                out(f"  trial {trial.number}: search value {trial.values[0]:.4f}, full-data "
-                    f"validation accuracy {done[str(trial.number)]['val_accuracy']:.4f}")
-            best = max(top, key=lambda t: (done[str(t.number)]["val_accuracy"], -t.number))
+    # a promote run in MLflow only when something is trained
+    run = (mlflow.start_run(run_name="promote", experiment_id=tracking.open_experiment(cfg.name),
+                            tags={"mnist_opt.kind": "promote", "optuna.study_name": cfg.name})
+           if todo else contextlib.nullcontext())
+    with run:
+        for trial in todo:
+            done[str(trial.number)] = _train_one(cfg, trial, split, epochs, verbose)
+            study.set_user_attr(PROMOTED, done)  # kept when interrupted
+            out(f"  trial {trial.number}: search value {trial.values[0]:.4f}, full-data "
+                f"validation accuracy {done[str(trial.number)]['val_accuracy']:.4f}")
+        best = max(top, key=lambda t: (done[str(t.number)]["val_accuracy"], -t.number))
+        if todo:
             mlflow.set_tag("promoted_best_trial", str(best.number))
             mlflow.log_metric("promoted_best_val_accuracy",
                               done[str(best.number)]["val_accuracy"])
-    best = max(top, key=lambda t: (done[str(t.number)]["val_accuracy"], -t.number))
     study.set_user_attr(PROMOTED_BEST, best.number)
     out(f"promoted pick: trial {best.number} (full-data validation accuracy "
         f"{done[str(best.number)]['val_accuracy']:.4f}; search's best was trial {top[0].number})")

@@ -3,22 +3,26 @@
 ``mnist-opt study NAME --warm-start OTHER`` takes OTHER's top-k COMPLETE trials. Where the
 two studies measure the same thing — dataset, split, metric and direction, ``max_epochs``,
 reports per epoch — and a trial's every parameter has the same distribution in both spaces,
-it is copied as a finished trial (``study.add_trial``: the sampler and the pruner learn from
-it at once; it is marked ``warm_start: copied`` and does not count toward ``n_trials``).
+it is copied as a finished trial (``study.add_trial``: the sampler learns from it at once,
+Hyperband's brackets do not; it is marked ``warm_start: copied`` and does not count toward
+``n_trials``). Fixed entries of the two spaces, the model and the table version must match too.
 Otherwise its parameters are queued (``study.enqueue_trial``) and run anew as ordinary trials.
 This is also how a new version of a changed study file starts from the old one.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
 import optuna
+from mlflow.entities import Metric, Param
 
 from mnist_opt.errors import StudyFileError
 from mnist_opt.study.config import StudyConfig
+from mnist_opt.study.objectives import top_complete
 from mnist_opt.study.space import suggest_params, value_problems
 from mnist_opt.tracking.storage import load_existing
 
@@ -103,12 +107,6 @@ def _as_here(trial: optuna.trial.FrozenTrial,
     return asked.params, asked.distributions
 
 
-def _top(source: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    complete = source.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    sign = -1 if source.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(complete, key=lambda t: (sign * t.values[0], t.number))[:k]
-
-
 def warm_start(study: optuna.Study, cfg: StudyConfig, source_name: str, storage: str,
                top: int, parent: mlflow.entities.Run | None = None) -> WarmStart:
     """Copy or queue ``source_name``'s ``top`` best COMPLETE trials into ``study`` (once:
@@ -122,7 +120,7 @@ def warm_start(study: optuna.Study, cfg: StudyConfig, source_name: str, storage:
                              f"objectives, {cfg.name} has {len(cfg.directions)}")
     seeded = {t.user_attrs.get(SOURCE) for t in study.get_trials(deepcopy=False)}
     out = WarmStart(source_name, why_not_copied=mismatch(source, cfg))
-    for trial in _top(source, top):
+    for trial in top_complete(source, top):
         tag = f"{source_name}#{trial.number}"
         if tag in seeded:
             out.already += 1
@@ -160,9 +158,8 @@ def _log_copy(study: optuna.Study, parent: mlflow.entities.Run,
     run = client.create_run(parent.info.experiment_id, run_name=f"copy-{tag}", tags={
         "mlflow.parentRunId": parent.info.run_id, "mnist_opt.kind": "trial", KIND: "copied",
         SOURCE: tag, "state": "complete", "optuna.study_name": study.study_name})
-    for key, value in trial.params.items():
-        client.log_param(run.info.run_id, key, value)
-    for name, value in zip(study.metric_names or ["value"], trial.values):
-        client.log_metric(run.info.run_id, name, value)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in trial.params.items()],
+                     metrics=[Metric(name, value, int(time.time() * 1000), 0) for name, value
+                              in zip(study.metric_names or ["value"], trial.values)])
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id

@@ -30,6 +30,13 @@ def front_best(study: optuna.Study) -> float:
     return s * max(s * t.values[0] for t in study.best_trials)
 
 
+def top_complete(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` best COMPLETE trials by the (first) objective, ties by trial number (all of
+    them when fewer): what ``search.promote`` re-trains and a warm start takes."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-sign(study) * t.values[0], t.number))[:k]
+
+
 # study user attributes of search.promote (mnist_opt.search.promote): each promoted trial's
 # full-data results, and the trial that is best on them
 PROMOTED, PROMOTED_BEST = "promoted", "promoted_best"

@@ -154,22 +154,12 @@ def draw_roc_curves(ax: plt.Axes, ev: Evaluation, scores: dict) -> None:
     ax.legend(loc="lower right", fontsize=8)
 
 
-def plot_pr_curves(ev: Evaluation, scores: dict, path: Path, title: str) -> None:
-    """All classes' one-vs-rest precision-recall curves in one PNG, the macro AP in the title."""
+def plot_curves(draw, ev: Evaluation, scores: dict, path: Path, title: str) -> None:
+    """All classes' one-vs-rest curves (``draw``: :func:`draw_pr_curves` or
+    :func:`draw_roc_curves`) in one PNG, ``title`` above them."""
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    draw_pr_curves(ax, ev, scores)
-    ax.set_title(f"{title}: one-vs-rest precision-recall, "
-                 f"macro AP {scores['macro avg']['average_precision']:.4f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_roc_curves(ev: Evaluation, scores: dict, path: Path, title: str) -> None:
-    """All classes' one-vs-rest ROC curves in one PNG, the macro AUC in the title."""
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    draw_roc_curves(ax, ev, scores)
-    ax.set_title(f"{title}: one-vs-rest ROC, macro AUC {scores['macro avg']['roc_auc']:.4f}")
+    draw(ax, ev, scores)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,8 +183,12 @@ def write_evaluation(ev: Evaluation, images: np.ndarray, folder: Path, title: st
         {"labels": ev.class_names, "rows_true_cols_predicted": cm.tolist()}))
     scores = ranking_scores(ev)
     (folder / "pr_roc.json").write_text(json.dumps(scores, indent=2))
-    plot_pr_curves(ev, scores, folder / "pr_curves.png", title)
-    plot_roc_curves(ev, scores, folder / "roc_curves.png", title)
+    macro = scores["macro avg"]
+    plot_curves(draw_pr_curves, ev, scores, folder / "pr_curves.png",
+                f"{title}: one-vs-rest precision-recall, macro AP "
+                f"{macro['average_precision']:.4f}")
+    plot_curves(draw_roc_curves, ev, scores, folder / "roc_curves.png",
+                f"{title}: one-vs-rest ROC, macro AUC {macro['roc_auc']:.4f}")
     f1 = {name: report[name]["f1-score"] for name in ev.class_names}
     ap = {name: scores[name]["average_precision"] for name in ev.class_names
           if scores[name]["average_precision"] is not None}

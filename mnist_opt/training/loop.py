@@ -17,10 +17,11 @@ from mnist_opt.training.callbacks import StopInEpoch
 from mnist_opt.training.models import build_model
 
 
-def study_split(cfg: StudyConfig) -> data.Split:
-    """The study's stratified train/validation split (of its search subset, if it has one)."""
+def study_split(cfg: StudyConfig, full: bool = False) -> data.Split:
+    """The study's stratified train/validation split of its search subset, if it has one;
+    ``full``: of all its training images (``train_subset``), as promotion re-trains."""
     return data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                      cfg.search_subset)
+                      cfg.data.train_subset if full else cfg.search_subset)
 
 
 _IMPORTS_FROZEN = False

@@ -42,8 +42,10 @@ class RetrainResult:
         return statistics.stdev(self.test_accuracies) if len(self.test_accuracies) > 1 else 0.0
 
 
-def best_trial(cfg: StudyConfig, storage: str) -> optuna.trial.FrozenTrial:
-    study = load_existing(cfg.name, storage)
+def best_trial(cfg: StudyConfig, storage: str | optuna.Study) -> optuna.trial.FrozenTrial:
+    """The trial ``retrain`` takes (``objectives.pick``) of the study in ``storage``, or of
+    ``study`` itself when given one."""
+    study = storage if isinstance(storage, optuna.Study) else load_existing(cfg.name, storage)
     if cfg.search.promote and study.user_attrs.get(objectives.PROMOTED_BEST) is None:
         print(f"note: {cfg.name} has no promoted pick (search.promote had not finished, or "
               f"new trials came since): taking the search's best; run `mnist-opt study "
@@ -92,9 +94,10 @@ def retrain(cfg: StudyConfig, storage: str | None = None, verbose: bool = True,
     set; this is the one place that reads it.
     """
     storage = resolve_storage(storage)
-    best = best_trial(cfg, storage)
+    study = load_existing(cfg.name, storage)
+    best = best_trial(cfg, study)
     val_accuracy = float(best.user_attrs.get("val_accuracy", best.values[0]))
-    promoted = load_existing(cfg.name, storage).user_attrs.get(objectives.PROMOTED, {})
+    promoted = study.user_attrs.get(objectives.PROMOTED, {})
     if str(best.number) in promoted:  # its full-data validation accuracy, not the subset's
         val_accuracy = float(promoted[str(best.number)]["val_accuracy"])
     params = suggest_params(optuna.trial.FixedTrial(best.params), cfg)
