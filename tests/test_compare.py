@@ -74,6 +74,33 @@ def test_strategies_are_sampler_plus_pruner_from_the_study_schema():
         parse_strategies(["tpe+none", "tpe+none"])
 
 
+def test_a_variant_leaves_the_recipe_out_of_the_study_file(tmp_path):
+    path = _file(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["data"]["search_subset"] = 300
+    doc["search"]["promote"] = {"top_k": 2, "epochs": 2}
+    path.write_text(yaml.safe_dump(doc))
+    strategies = parse_strategies(["random+none", "random+none:full-data",
+                                   "random+none:no-promote"])
+    assert [(s.label, s.slug) for s in strategies] == [
+        ("random+none", "random-none"), ("random+none:full-data", "random-none-full-data"),
+        ("random+none:no-promote", "random-none-no-promote")]
+    repeats = {r.strategy.label: r.config
+               for r in plan(load_config(path), strategies, 1, Budget(trials=3), tmp_path / "o")}
+    as_is, full, subset = (repeats[s.label] for s in strategies)
+    assert (as_is.data.search_subset, as_is.search.promote.top_k) == (300, 2)
+    assert (full.data.search_subset, full.search.promote) == (None, None)
+    assert (subset.data.search_subset, subset.search.promote) == (300, None)
+    with pytest.raises(StrategyError) as err:  # the tiny study has no promote: nothing to drop
+        plan(load_config(_file(tmp_path)), parse_strategies(["random+none:no-promote"]), 1,
+             Budget(trials=3), tmp_path / "o")
+    assert "sets none of search.promote" in str(err.value)
+    with pytest.raises(StrategyError) as err:
+        parse_strategies(["tpe+none:full-dat"])
+    assert "'tpe+none:full-dat' (did you mean 'full-data'?)" in str(err.value)
+    assert "VARIANT one of full-data, no-promote" in str(err.value)
+
+
 def test_each_repeat_has_its_seed_the_same_across_strategies_and_the_budget(tmp_path):
     cfg = load_config(_file(tmp_path))
     repeats = plan(cfg, parse_strategies(STRATEGIES), 3, Budget(seconds=30), tmp_path / "out",
@@ -195,6 +222,51 @@ def _wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 240
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_subset_search_and_promotion_against_full_data_search(stores, tmp_path):
+    """The study searches 300 of its 1,000 images, then promotes its top 2 (2 epochs on all
+    800 training images); :full-data searches all 800 and promotes nothing. Promotion's epochs
+    are on the promoting repeat's clock, and --retrain scores its best epoch's trial."""
+    path = _file(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["data"].update(train_subset=1000, search_subset=300)
+    doc["search"]["promote"] = {"top_k": 2, "epochs": 2}
+    path.write_text(yaml.safe_dump(doc))
+    command = [sys.executable, "-m", "mnist_opt", "compare", str(path), "--strategies",
+               "random+none", "random+none:full-data", "--repeats", "1", "--budget-trials", "3",
+               "--retrain", "--storage", stores["storage"]]
+    proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    folder = tmp_path / "reports" / "compare" / "tiny"
+    report = json.loads((folder / "summary.json").read_text())
+    details = {d["strategy"]: d for d in report["repeat_studies"]}
+    promoting = optuna.load_study(study_name="tiny.cmp.random-none.r0",
+                                  storage=stores["storage"])
+    full = optuna.load_study(study_name="tiny.cmp.random-none-full-data.r0",
+                             storage=stores["storage"])
+    promoted = promoting.user_attrs["promoted"]
+    assert len(promoted) == 2 and "promoted" not in full.user_attrs
+    # 3 one-epoch trials, then 2 × 2 promotion epochs, all after the last trial's
+    log = details["random+none"]["epoch_log"]
+    assert len(log) == 3 + 4 and len(details["random+none:full-data"]["epoch_log"]) == 3
+    clock = promoting.user_attrs["compare_clock_start"]
+    again = sorted(t - clock for p in promoted.values() for t, _ in p["epoch_log"])
+    assert sorted(e[0] for e in log)[-4:] == pytest.approx(again, abs=1e-3)
+    assert max(e[0] for e in _epochs(promoting)) - clock < min(again)
+    assert "2 promoted (4 epochs)" in details["random+none"]["trials"]
+    rows = {row["strategy"]: row for row in report["rows"]}
+    assert rows["random+none"]["epochs_median"] == 7
+    best = max(log, key=lambda e: (e[1], -e[2]))
+    assert rows["random+none"]["final_best_median"] == pytest.approx(best[1])
+    assert promoting.user_attrs["compare_test_trial"] == best[2]
+    md = (folder / "summary.md").read_text()
+    assert "`search.promote` re-trains the top configurations" in md
+    # the full-data repeat searched every training image
+    assert full.user_attrs["search_section"]["data"]["search_subset"] is None
 
 
 @pytest.mark.e2e

@@ -52,6 +52,10 @@ def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(st
         assert run.data.metrics["val_accuracy"] == pytest.approx(result["val_accuracy"])
         assert run.data.params["n_train"] == "800" and result["epochs"] == 2
         assert run.data.metrics["epoch"] == 2
+        # when each epoch ended and its accuracy: compare's time to target counts them
+        log = result["epoch_log"]
+        assert len(log) == 2 and log[0][0] < log[1][0]
+        assert log[-1][1] == pytest.approx(result["val_accuracy"])
     winner = max(promoted, key=lambda n: promoted[n]["val_accuracy"])
     assert study.user_attrs[PROMOTED_BEST] == int(winner)
     assert best_trial(cfg, stores["storage"]).number == int(winner)  # retrain's choice

@@ -91,6 +91,26 @@ def test_curve_of_the_hand_built_study(hand_built):
     assert (result.n_complete, result.n_pruned, result.n_failed) == (2, 1, 2)
 
 
+def test_promotion_epochs_count_after_the_search_under_the_promoted_trials_number(hand_built):
+    # search.promote re-trained trials 0 and 4 on all images after the search (t 60-90):
+    # their epochs join the curve and the counts, and the best of them is trial 4's 0.97
+    hand_built.set_user_attr("promoted", {
+        "0": {"val_accuracy": 0.96, "epochs": 2, "epoch_log": [[T0 + 60, 0.94], [T0 + 70, 0.96]]},
+        "4": {"val_accuracy": 0.97, "epochs": 2, "epoch_log": [[T0 + 80, 0.965], [T0 + 90, 0.97]]}})
+    epochs = ttt.study_epochs(hand_built)
+    assert sorted((e.trial, e.time - T0, e.accuracy) for e in epochs if e.time - T0 >= 60) == [
+        (0, 60, 0.94), (0, 70, 0.96), (4, 80, 0.965), (4, 90, 0.97)]
+    result = ttt.repeat_result(hand_built)
+    assert result.epochs == 12 and result.final_best == 0.97
+    assert result.wall_s == pytest.approx(90, abs=1e-3)  # promotion ends the repeat
+    np.testing.assert_array_equal(result.curve.best[-4:], [.95, .96, .965, .97])
+    assert ttt.time_to_target(result.curve, 0.96) == pytest.approx(70)
+    assert ttt.epochs_to_target(result.curve, 0.96) == 10
+    from mnist_opt.search.compare import best_params
+
+    assert best_params(hand_built)[0] == 4  # compare --retrain scores the promoted winner
+
+
 @pytest.mark.parametrize("target, seconds, epochs", [
     (0.50, 10.0, 1), (0.80, 10.0, 1), (0.85, 20.0, 3), (0.86, 30.0, 5), (0.90, 30.0, 5),
     (0.95, 35.0, 6), (0.96, None, None)])

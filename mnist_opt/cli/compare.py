@@ -20,9 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "its space and data are searched by every strategy")
     parser.add_argument("--strategies", nargs="+", required=True, metavar="STRATEGY",
                         help=f"SAMPLER+PRUNER, e.g. tpe+hyperband random+none; samplers "
-                             f"{', '.join(SAMPLERS)}; pruners {', '.join(PRUNERS)}; or "
-                             f"keras-tuner's {', '.join(KT_TUNERS)} (the bench extra; one "
-                             "worker)")
+                             f"{', '.join(SAMPLERS)}; pruners {', '.join(PRUNERS)}; add "
+                             ":full-data to search all training images without promotion "
+                             "(against the study's search_subset + promote), :no-promote to "
+                             "leave promotion out; or keras-tuner's "
+                             f"{', '.join(KT_TUNERS)} (the bench extra; one worker)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="repeats per strategy, seeds SEED..SEED+R-1 (default 5)")
     budget = parser.add_mutually_exclusive_group(required=True)

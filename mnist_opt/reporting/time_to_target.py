@@ -9,8 +9,10 @@ their runs are converted into the same epoch records (:func:`repeat_from_epochs`
 * **Best so far.** The highest validation accuracy over the *completed epochs* of all the
   repeat's trials, whatever became of the trial afterwards (complete, pruned, failed, or still
   running when the process ended), in the order the epochs ended. An epoch with no accuracy
-  counts as trained but improves nothing. This is the same statistic for every tool; it is not
-  Optuna's best value, which sees only complete trials and the study's metric (maybe a loss).
+  counts as trained but improves nothing. The epochs of ``search.promote``'s re-trainings on
+  the full data, after the search, count as well (:func:`study_epochs`). This is the same
+  statistic for every tool; it is not Optuna's best value, which sees only complete trials and
+  the study's metric (maybe a loss).
 * **Target.** A validation accuracy fixed before the run: given, or the previous run's
   :func:`default_target`. Choosing it after looking at the run being judged would let the
   target favour whichever strategy happened to do well.
@@ -42,6 +44,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 from scipy import stats
+
+from mnist_opt.study.objectives import PROMOTED
 
 ALPHA = 0.05
 MIN_REPEATS = 5
@@ -174,6 +178,18 @@ def epochs_of(trials: Iterable[optuna.trial.FrozenTrial]) -> list[Epoch]:
             for trial in trials for time, accuracy in trial.user_attrs.get("epoch_log", ())]
 
 
+def study_epochs(study: optuna.Study) -> list[Epoch]:
+    """The completed epochs of a study: its trials' (:func:`epochs_of`) and those of
+    ``search.promote``'s re-trainings on the full data (the study's ``promoted`` user attr,
+    each under the number of the trial it re-trained). Promotion trains after the search,
+    inside the same process and clock, so its epochs count in time and epochs to target."""
+    promoted = study.user_attrs.get(PROMOTED) or {}
+    return epochs_of(study.get_trials(deepcopy=False)) + [
+        Epoch(float(time), _accuracy(accuracy), int(number))
+        for number, result in promoted.items()
+        for time, accuracy in result.get("epoch_log", ())]
+
+
 def curve(epochs: Iterable[Epoch], clock_start: float) -> Curve:
     """The best-so-far step function of a repeat's epochs, given in any order (the epochs of
     parallel trials interleave)."""
@@ -223,7 +239,7 @@ def repeat_from_epochs(strategy: str, repeat: int, epochs: Iterable[Epoch], cloc
 
 def repeat_result(study: optuna.Study) -> RepeatResult:
     """A repeat of ``mnist-opt compare`` from its study's user attrs ``compare_clock_start``,
-    ``compare_strategy`` and ``compare_repeat``, and its trials' ``epoch_log``."""
+    ``compare_strategy`` and ``compare_repeat``, and its epochs (:func:`study_epochs`)."""
     attrs = study.user_attrs
     missing = [k for k in ("compare_clock_start", "compare_strategy", "compare_repeat")
                if k not in attrs]
@@ -235,7 +251,7 @@ def repeat_result(study: optuna.Study) -> RepeatResult:
     # Optuna's datetimes are naive local time, as is what .timestamp() assumes
     ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
     return repeat_from_epochs(
-        str(attrs["compare_strategy"]), int(attrs["compare_repeat"]), epochs_of(trials),
+        str(attrs["compare_strategy"]), int(attrs["compare_repeat"]), study_epochs(study),
         float(attrs["compare_clock_start"]), end_time=max(ends, default=None),
         n_complete=states[TrialState.COMPLETE], n_pruned=states[TrialState.PRUNED],
         n_failed=states[TrialState.FAIL], test_accuracy=attrs.get("compare_test_accuracy"))

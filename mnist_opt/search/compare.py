@@ -43,15 +43,21 @@ from mnist_opt.data import provenance
 from mnist_opt.errors import MnistOptError, StudyFailedError
 from mnist_opt.reporting.machine import code_version, describe
 from mnist_opt.reporting.trial_cost import epochs_trained
-from mnist_opt.reporting.time_to_target import (default_target, epochs_of, markdown_table,
-                                                pair_verdicts, plot_curves, repeat_result,
+from mnist_opt.reporting.time_to_target import (default_target, markdown_table, pair_verdicts,
+                                                plot_curves, repeat_result, study_epochs,
                                                 summary)
 from mnist_opt.search.strategies import Budget, Repeat, write_study_file
 from mnist_opt.study.config import StudyConfig, section_changes
+from mnist_opt.study.objectives import PROMOTED
 from mnist_opt.tracking import runs as tracking
 from mnist_opt.tracking.storage import make_storage, owner_attrs, process_gone
 
 FINISHED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+# the budget stops the search; search.promote's re-training comes after it, on the clock
+PROMOTION_NOTE = ("- promotion: `search.promote` re-trains the top configurations on all "
+                  "training images after the budget ran out, in the repeat's process: its "
+                  "epochs count in the curves, time and epochs to target and wall s, so the "
+                  "promoting strategies spend more than the budget")
 
 
 class CompareBusyError(MnistOptError):
@@ -243,10 +249,11 @@ def _run_repeat(repeat: Repeat, storage: optuna.storages.BaseStorage, url: str, 
 
 def best_params(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     """The trial with the highest validation accuracy of any completed epoch (the statistic
-    the curves use, read by the same :func:`epochs_of`, for every tool and whatever became of
-    the trial; the earliest trial on a tie) and its params."""
+    the curves use, read by the same :func:`study_epochs`, for every tool and whatever became
+    of the trial; a promoted trial's full-data re-training counts as its own; the earliest
+    trial on a tie) and its params."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    scored = [e for e in epochs_of(trials.values()) if e.accuracy is not None]
+    scored = [e for e in study_epochs(study) if e.accuracy is not None]
     if not scored:
         return None
     best = trials[max(scored, key=lambda e: (e.accuracy, -e.trial)).trial]
@@ -292,12 +299,16 @@ def _wait(proc: subprocess.Popen) -> int:
 
 
 def _line(study: optuna.Study) -> str:
-    """``12 trials (5 complete, 7 pruned, 0 failed), 20 epochs``: a finished repeat."""
+    """``12 trials (5 complete, 7 pruned, 0 failed), 20 epochs``: a finished repeat; ``, 3
+    promoted (30 epochs)`` after it when ``search.promote`` re-trained some."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state.name.lower() for t in trials]
     epochs = sum(epochs_trained(t) for t in trials)
+    promoted = study.user_attrs.get(PROMOTED) or {}
+    again = sum(p.get("epochs", 0) for p in promoted.values())
     return (f"{len(trials)} trials ({states.count('complete')} complete, "
-            f"{states.count('pruned')} pruned, {states.count('fail')} failed), {epochs:g} epochs")
+            f"{states.count('pruned')} pruned, {states.count('fail')} failed), {epochs:g} epochs"
+            + (f", {len(promoted)} promoted ({again:g} epochs)" if promoted else ""))
 
 
 def _clean(value: Any) -> Any:
@@ -372,7 +383,7 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
                 "test_accuracy": s.user_attrs.get("compare_test_accuracy"),
                 "epoch_log": [[round(e.time - s.user_attrs["compare_clock_start"], 3),
                                e.accuracy, e.trial]
-                              for e in epochs_of(s.get_trials(deepcopy=False))]}
+                              for e in study_epochs(s)]}
                for r, s in zip(plan, studies)]
     md = folder / "summary.md"
     md.write_text("\n".join([
@@ -380,6 +391,7 @@ def _report(cfg: StudyConfig, plan: list[Repeat], storage: optuna.storages.BaseS
         f"- command: `{command}`", f"- machine: {machine}",
         f"- ran: {ran} (repeats' first start to last end); reported: {date}; code: {code}",
         f"- budget: {budget}; {workers} worker process{'es' * (workers != 1)} per repeat",
+        *([PROMOTION_NOTE] if any(s.user_attrs.get(PROMOTED) for s in studies) else []),
         f"- repeats: {repeats} per strategy, seeds {cfg.search.seed}…"
         f"{cfg.search.seed + repeats - 1} (the same for every strategy), one repeat at a time",
         f"- data: {data}, train_subset {plan[0].config.data.train_subset}, "

@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 import optuna
 
+from mnist_opt import data
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.objectives import PROMOTED, PROMOTED_BEST, top_complete
 from mnist_opt.study.space import suggest_params
@@ -45,7 +46,9 @@ def _train_one(cfg: StudyConfig, trial: optuna.trial.FrozenTrial, split: data.Sp
         tracking.log_model(model)
     return {"val_accuracy": float(history.history["val_accuracy"][-1]), "epochs": epochs,
             "n_train": len(split.y_train), "search_value": trial.values[0],
-            "mlflow_run_id": run.info.run_id}
+            "mlflow_run_id": run.info.run_id,
+            # its epochs count in `compare`'s time to target, as a trial's do
+            "epoch_log": callback.epoch_log}
 
 
 def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,

@@ -98,22 +98,45 @@ class Strategy(Protocol):
         """The repeat's process: it runs the study file's search into ``storage``."""
 
 
+# What a variant of the study file leaves out (``SAMPLER+PRUNER:VARIANT``), to measure what a
+# recipe of the file brings against the same search without it: name -> (section, key)s.
+VARIANTS = {
+    # subset search + promotion against searching all training images
+    "full-data": (("data", "search_subset"), ("search", "promote")),
+    # subset search with promotion against the same search without it
+    "no-promote": (("search", "promote"),),
+}
+
+
 @dataclass(frozen=True)
 class OptunaStrategy:
-    """A sampler and a pruner of our own runner: ``mnist-opt study`` on the repeat's file."""
+    """A sampler and a pruner of our own runner: ``mnist-opt study`` on the repeat's file.
+
+    ``variant`` (one of :data:`VARIANTS`): the study file without what it names, e.g.
+    ``gp+hyperband:full-data`` searches all training images and promotes nothing."""
     sampler: str
     pruner: str
+    variant: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.sampler}+{self.pruner}"
+        return f"{self.sampler}+{self.pruner}" + f":{self.variant}" * bool(self.variant)
 
     @property
     def slug(self) -> str:
-        return f"{self.sampler}-{self.pruner}"
+        return f"{self.sampler}-{self.pruner}" + f"-{self.variant}" * bool(self.variant)
 
     def document(self, base: dict[str, Any], seed: int, budget: Budget) -> dict[str, Any]:
+        """Raises :class:`StudyFileError` for a variant that would leave nothing out: the same
+        search twice, under two names."""
         doc = copy.deepcopy(base)
+        dropped = [doc.get(section, {}).pop(key, None)
+                   for section, key in VARIANTS.get(self.variant, ())]
+        if self.variant and all(value is None for value in dropped):
+            raise StudyFileError(
+                f"the study file sets none of "
+                f"{', '.join('.'.join(k) for k in VARIANTS[self.variant])}, so :{self.variant} "
+                "would search exactly as the study does: leave the variant out")
         search = doc.setdefault("search", {})
         search.update(sampler=self.sampler, pruner=self.pruner, seed=seed, **budget.search())
         return doc
@@ -199,14 +222,17 @@ def parse_strategies(texts: list[str]) -> list[Strategy]:
             strategy: Strategy = KerasTunerStrategy(name.removesuffix(DEFAULTS),
                                                     name.endswith(DEFAULTS))
         else:
-            sampler, plus, pruner = name.partition("+")
-            if not plus or sampler not in SAMPLERS or pruner not in PRUNERS:
+            pair, colon, variant = name.partition(":")
+            sampler, plus, pruner = pair.partition("+")
+            if (not plus or sampler not in SAMPLERS or pruner not in PRUNERS
+                    or (colon and variant not in VARIANTS)):
                 hint = (did_you_mean(name, list(KT_TUNERS)) if name.startswith("kt")
                         else did_you_mean(sampler, list(SAMPLERS)) if sampler not in SAMPLERS
-                        else did_you_mean(pruner, list(PRUNERS)) if plus else "")
+                        else did_you_mean(pruner, list(PRUNERS)) if plus and pruner not in PRUNERS
+                        else did_you_mean(variant, list(VARIANTS)) if colon and plus else "")
                 unknown.append(f"{text!r}{hint}")
                 continue
-            strategy = OptunaStrategy(sampler, pruner)
+            strategy = OptunaStrategy(sampler, pruner, variant)
         if strategy in out:
             twice.append(repr(text))
         else:
@@ -215,7 +241,9 @@ def parse_strategies(texts: list[str]) -> list[Strategy]:
         raise StrategyError(
             f"unknown strateg{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}: a "
             f"strategy is SAMPLER+PRUNER with SAMPLER one of {', '.join(SAMPLERS)} and PRUNER "
-            f"one of {', '.join(PRUNERS)} (e.g. tpe+hyperband random+none), or one of "
+            f"one of {', '.join(PRUNERS)} (e.g. tpe+hyperband random+none), optionally "
+            f":VARIANT with VARIANT one of {', '.join(VARIANTS)} (the study file without "
+            f"its search_subset and promote, or without promote), or one of "
             f"keras-tuner's {', '.join(KT_TUNERS)} (add {DEFAULTS} for its defaults)")
     if twice:
         raise StrategyError(f"--strategies names {', '.join(twice)} twice: name each once")
@@ -283,8 +311,8 @@ def plan(cfg: StudyConfig, strategies: list[Strategy], repeats: int, budget: Bud
             name = repeat_name(cfg.name, strategy, index)
             seed = cfg.search.seed + index
             path = (folder / "studies" / f"{name}.yaml").resolve()
-            document = strategy.document(base, seed, budget)
             try:
+                document = strategy.document(base, seed, budget)
                 config = strategy.check(document, path)
             except StudyFileError as exc:  # the same for every repeat: said once
                 found = getattr(exc, "problems", None)

@@ -55,12 +55,13 @@ class TrialCallback(keras.callbacks.Callback):
         if self.verbose:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             tqdm.write(f"{self.label} epoch {ended:g}/{self.epochs or '?'}  {shown}".strip())
-        if self.trial is None:
-            return
         # when each epoch ended and its validation accuracy: best-so-far curves and time to
-        # target over completed epochs, whatever the study's metric (`mnist-opt compare`)
+        # target over completed epochs, whatever the study's metric (`mnist-opt compare`);
+        # kept without a trial too, for search.promote's re-trainings
         accuracy = logs.get("val_accuracy")
         self.epoch_log.append([time.time(), None if accuracy is None else float(accuracy)])
+        if self.trial is None:
+            return
         self.trial.set_user_attr("epoch_log", self.epoch_log)
         if self.monitor not in logs:
             raise KeyError(f"metric {self.monitor!r} is not in Keras's logs {sorted(logs)}; "
