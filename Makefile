@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8080
 MLFLOW_PORT ?= 5000
+PORT ?= 5001
 
 # Data: $MNIST_OPT_DATA if set; else ../shared/data when it exists (offline machines);
 # else the package downloads the files into ~/.cache/mnist_opt/data.
@@ -23,7 +24,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results calibrate lr-find predict compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -64,6 +65,9 @@ lr-find: install  ## LR range test, suggested learning_rate range: make lr-find 
 
 predict: install  ## classify images: make predict IMAGES="a.png b.jpg" [MODEL=models:/mlp_tpe/latest]
 	$(BIN)/mnist-opt predict --model $(or $(MODEL),models:/$(NAME)/latest) $(IMAGES)
+
+serve: install  ## serve the registered model over REST (MLflow scoring server): make serve NAME=mlp_tpe [VERSION=V|ALIAS=A] [PORT=5001]
+	$(BIN)/mnist-opt serve $(NAME) $(if $(VERSION),--version $(VERSION)) $(if $(ALIAS),--alias $(ALIAS)) --host $(HOST) --port $(PORT)
 
 compare: install  ## compare strategies by time to target: make compare NAME=mlp_tpe ARGS="--strategies tpe+hyperband random+none --budget-seconds 300" [WORKERS=2]
 	$(BIN)/mnist-opt compare $(NAME) $(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) $(ARGS)

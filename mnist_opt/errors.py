@@ -32,6 +32,11 @@ class PredictError(MnistOptError):
     """An image that cannot be read or holds no digit, or a model URI that cannot be loaded."""
 
 
+class ServeError(MnistOptError):
+    """No registered model (or no such version or alias of it) to serve, or no tracking store
+    that holds one."""
+
+
 class StudyFailedError(Exception):
     """The study stopped because its trials keep failing, or ended without success (a trial
     left RUNNING by a dead process): the CLI prints the summary and the last failure, exit 1.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mnist_opt import interrupt
-from mnist_opt.cli import check, compare
+from mnist_opt.cli import check, compare, serve
 from mnist_opt.errors import MnistOptError, StudyFailedError, StudyFileError
 from mnist_opt.study.config import find_study, known_studies, load_config, studies_dir, with_overrides
 from mnist_opt.training.calibrate import FAMILIES
@@ -369,7 +369,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list, "check": check.cmd_check, "study": cmd_study, "retrain": cmd_retrain, "report": cmd_report,
     "results": cmd_results, "predict": cmd_predict, "lr-find": cmd_lr_find,
-    "compare": compare.cmd_compare, "calibrate": cmd_calibrate}
+    "compare": compare.cmd_compare, "calibrate": cmd_calibrate, "serve": serve.cmd_serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
             check.add_arguments(p)
         elif name == "compare":
             compare.add_arguments(p)
+        elif name == "serve":
+            serve.add_arguments(p)
         elif name == "results":
             p.add_argument("names", nargs="*", metavar="NAME", help="studies (default: all)")
             p.add_argument("--update", metavar="FILE",

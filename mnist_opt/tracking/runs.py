@@ -14,7 +14,6 @@ import os
 import socket
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Iterator
 
 import keras
@@ -27,9 +26,9 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.errors import TrackingError
-from mnist_opt.tracking.urls import sqlite_init_lock, sqlite_path
+from mnist_opt.tracking.serving import CHAMPION
+from mnist_opt.tracking.urls import DEFAULT_DIR, sqlite_init_lock, sqlite_path, tracking_uri
 
-DEFAULT_DIR = Path("mlruns")
 INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
@@ -46,14 +45,13 @@ PARENT_RUN_ENV = "MNIST_OPT_PARENT_RUN"
 
 def configure() -> str:
     """Honour ``MLFLOW_TRACKING_URI``; else a SQLite store in ``./mlruns`` (the registry needs a DB)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
         try:
             DEFAULT_DIR.mkdir(exist_ok=True)
         except OSError as exc:
             raise TrackingError(f"cannot create the MLflow store directory {DEFAULT_DIR.resolve()}: "
                                 f"{exc.strerror}; fix it or set MLFLOW_TRACKING_URI") from exc
-        uri = f"sqlite:///{DEFAULT_DIR.resolve() / 'mlflow.db'}"
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     # "Creating initial MLflow database tables..." on every new store tells a user nothing
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -315,9 +313,6 @@ def log_model(model: keras.Model, registered_name: str | None = None):
     return mlflow.keras.log_model(portable(model), name="model",
                                   pip_requirements=PIP_REQUIREMENTS, signature=signature,
                                   registered_model_name=registered_name)
-
-
-CHAMPION = "champion"  # the registered model's alias: its best retrained version so far
 
 
 def crown(name: str, version: str, test_accuracy: float) -> str:

@@ -1,13 +1,22 @@
-"""Storage and tracking URLs: the one place that reads a SQLite URL's file path, and the
-lock that serialises opening a fresh SQLite database across processes."""
+"""Storage and tracking URLs: the one place that reads a SQLite URL's file path, the default
+MLflow tracking store, and the lock that serialises opening a fresh SQLite database across
+processes. Imports neither MLflow nor Optuna."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from pathlib import Path
 from typing import Iterator
 
 SQLITE = "sqlite:///"
+DEFAULT_DIR = Path("mlruns")  # the MLflow store's folder, relative to the working directory
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else a SQLite database in ``./mlruns`` (the registry needs a
+    database; MLflow's own default, ``./mlflow.db``, would scatter stores)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_DIR.resolve() / 'mlflow.db'}"
 
 
 def sqlite_path(url: str) -> Path | None:
