@@ -371,3 +371,22 @@ def test_the_target_is_fixed_before_the_run_when_a_previous_run_gave_one(tmp_pat
                                                        f"({tmp_path / 'summary.json'}), fixed "
                                                        "before this run")
     assert _target(0.9, tmp_path, results) == (0.9, "--target")
+
+
+def test_the_shipped_strategy_comparisons_plan_on_their_studies(tmp_path):
+    """``make strategies``' commands (bench/strategies.py) are valid compares of shipped
+    studies: every strategy parses and every repeat's study file validates."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import strategies as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from mnist_opt.study.config import find_study
+
+    for name, c in bench.COMPARISONS.items():
+        argv = bench.command(name)
+        assert argv[:3] == ["mnist-opt", "compare", name]
+        assert ("--retrain" in argv) == bool(c.get("retrain"))
+        repeats = plan(find_study(name), parse_strategies(c["strategies"]), c["repeats"],
+                       Budget(seconds=c["budget_seconds"]), tmp_path / name)
+        assert len(repeats) == len(c["strategies"]) * c["repeats"]
