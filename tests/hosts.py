@@ -482,8 +482,12 @@ class MlflowServer:
     into ``host.home/artifacts``, which no other host can see."""
 
     def __init__(self, host: Host, backend: str, port: int = 5000, workers: int = 1,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, allowed_hosts: str | None = ""):
         self.host, self.backend, self.port, self.workers = host, backend, port, workers
+        # the Host headers it answers (--allowed-hosts): "" its own address, None MLflow's
+        # default (localhost and private addresses)
+        self.allowed_hosts = (f"{host.addr}:{port},{host.addr}" if allowed_hosts == ""
+                              else allowed_hosts)
         self.artifacts = host.home / "artifacts"
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
@@ -500,13 +504,12 @@ class MlflowServer:
         if self not in self.host.bench.services:
             self.host.bench.services.append(self)
         bindir = str(Path(sys.executable).parent)  # it starts uvicorn from PATH
-        # --allowed-hosts: the Host header clients send (the default also admits private
-        # addresses; naming it keeps the bench working on any subnet)
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", self.host.addr,
                "--port", str(self.port), "--workers", str(self.workers),
                "--backend-store-uri", self.backend,
-               "--artifacts-destination", str(self.artifacts),
-               "--allowed-hosts", f"{self.host.addr}:{self.port},{self.host.addr}"]
+               "--artifacts-destination", str(self.artifacts)]
+        if self.allowed_hosts is not None:
+            cmd += ["--allowed-hosts", self.allowed_hosts]
         self.proc = self.host.popen(cmd, env={"PATH": f"{bindir}:{BASE_PATH}", **self.env},
                                     log="mlflow-server")
         wait_http(f"{self.uri}/health", timeout, self.proc)
