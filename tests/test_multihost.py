@@ -156,14 +156,18 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers():
         assert start_line in Path(scorer.log).read_text(), tail(scorer)
 
         finished = [t for t in trials if t.state in (TS.COMPLETE, TS.PRUNED)]
-        per_host = {w.hostname: sum(t.user_attrs["host"] == w.hostname for t in trials)
-                    for w in workers}
+        t0 = min(t.datetime_start for t in trials)
+        timeline = [(t.number, t.user_attrs["host"].split(".")[0],
+                     round((t.datetime_start - t0).total_seconds(), 1),
+                     round((t.datetime_complete - t0).total_seconds(), 1)) for t in trials]
         print(f"\nmultihost: study {study_s:.0f} s, retrain {retrain_s:.0f} s, serve "
-              f"{time.monotonic() - start - study_s - retrain_s:.0f} s; trials per host {per_host}")
-        # last: what independent workers cannot promise today (each stops once the study has
-        # its target, while the others are still in a trial), the rest is checked above
+              f"{time.monotonic() - start - study_s - retrain_s:.0f} s; trials (number, host, "
+              f"start s, end s): {timeline}")
+        # last, so that the rest is known to hold when it fails: independent workers stop
+        # once the study has its target, but another may be in a trial then
         assert len(finished) == N_TRIALS, (
-            f"{len(finished)} finished trials, target {N_TRIALS}; per host {per_host}")
+            f"{len(finished)} finished trials, target {N_TRIALS}; (number, host, start s, end s): "
+            f"{timeline}")
     assert leftovers() == [] and _own_processes(tag) == []
 
 
