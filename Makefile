@@ -24,7 +24,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser netns study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -81,7 +81,11 @@ check: install  ## check study files against the schema and the parameter table:
 docs: install  ## regenerate the README's parameter table from mnist_opt/study/params.py
 	$(BIN)/mnist-opt list --params --update README.md
 
-test: install pg browser  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
+netns:  ## the `ip` tool (Debian's iproute2) for the multi-host test (tests/test_multihost.py)
+	@command -v ip >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q iproute2 >/dev/null; }
+
+test: install pg browser netns  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install  ## the quick loop (< 2 min): no browser, no PostgreSQL, no training beyond seconds

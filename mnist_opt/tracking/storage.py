@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import time
 import warnings
 
 import optuna
@@ -169,17 +170,34 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     interval, grace = _heartbeat()
     # SQLite: wait for a lock instead of failing at once when several workers write.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
-    try:
-        if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
-            path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite_init_lock(url), warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-            return _Storage(
-                url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
-                heartbeat_stale_trial_callback=_on_stale_trial)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0]}") from exc
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
+                path.parent.mkdir(parents=True, exist_ok=True)
+            with sqlite_init_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                return _Storage(
+                    url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
+                    heartbeat_stale_trial_callback=_on_stale_trial)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            if attempt + 1 < _OPEN_ATTEMPTS and _lost_creation_race(exc):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+    raise AssertionError("unreachable")
+
+
+# Workers on several machines that open a fresh database server's storage at once race on
+# creating Optuna's tables (PostgreSQL: `relation "studies" already exists`; the version row:
+# a duplicate key), and no file lock spans machines. The loser finds the tables made when it
+# opens the storage again.
+_OPEN_ATTEMPTS = 4
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "already exists" in text or "duplicate key" in text
 
 
 def load_existing(name: str, storage: str) -> optuna.Study:

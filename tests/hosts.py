@@ -1,0 +1,523 @@
+"""A multi-host test bench on one machine: each "host" is a Linux network namespace on a
+private bridge, with its own address, hostname and mount namespace.
+
+What a host sees: its own working folder (``Host.home``, fresh and empty), a private ``/tmp``,
+the rest of the machine's files (the interpreter, the code, the data) with the paths given as
+``readonly`` read-only; not the other hosts' folders, which live under the bench's base folder
+that a tmpfs covers on every host. On the network it reaches the other hosts and the test
+process (the root namespace, ``Bench.gateway``), nothing else: the bridge has no uplink and the
+machine does not forward.
+
+    with Bench(readonly=[data_dir]) as bench:
+        db = bench.host("db")
+        pg = Postgres(db).start()
+        server = MlflowServer(db, pg.url("mlflow")).start()
+        worker = bench.host("w1")
+        worker.run(["python", "-c", "print(1)"], env={...})
+        worker.down(); worker.up()            # cut and restore its link
+    # everything stopped and deleted here, also when the block raised
+
+Processes run through ``nsenter`` into a *holder* process per host that owns the host's
+mount and UTS namespaces (made by ``ip netns exec NS unshare -m -u``), so every command of one
+host shares its mounts and ``/tmp``, as on a machine. Names carry ``mo-<pid>-`` so two runs do
+not clash, and a run removes what a crashed run (a pid no longer alive) left behind.
+
+Needs root (``ip netns``, mounts); :func:`namespaces_work` says whether this machine allows it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Sequence
+
+PREFIX = "mo-"  # namespaces, links and folders: mo-<pid>-…
+_NAME = re.compile(rf"^{PREFIX}(\d+)-")
+SUBNETS = ipaddress.ip_network("10.213.0.0/16")  # a /24 of it per bench, one not routed here
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@functools.cache
+def namespaces_work() -> bool:
+    """Whether this process may make network namespaces (``unshare -n true``): root on Linux,
+    outside a container that forbids it."""
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _netns_names() -> list[str]:
+    out = _ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _link_names() -> list[str]:
+    out = _ip("-j", "link", "show", check=False).stdout or "[]"
+    return [link["ifname"] for link in json.loads(out)]
+
+
+def _kill_netns_pids(ns: str) -> None:
+    """SIGKILL every process still in network namespace ``ns`` (daemons included)."""
+    for _ in range(50):
+        pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _remove(ns: Sequence[str], links: Sequence[str], dirs: Sequence[Path]) -> None:
+    """Delete links (a veth's peer goes with it), then namespaces, then folders; wait until
+    the kernel has let go of the links (deleting a namespace frees its devices later)."""
+    for link in links:
+        _ip("link", "del", link, check=False)
+    for name in ns:
+        _kill_netns_pids(name)
+        _ip("netns", "del", name, check=False)
+    for folder in dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and set(links) & set(_link_names()):
+        time.sleep(0.1)
+
+
+def clean_leftovers() -> list[str]:
+    """Remove the namespaces, links and folders of benches whose process is gone (a crashed
+    or killed run); returns their names."""
+    dead = lambda name: (m := _NAME.match(name)) is not None and not _pid_alive(int(m[1]))
+    ns = [n for n in _netns_names() if dead(n)]
+    links = [link.split("@")[0] for link in _link_names() if dead(link)]
+    dirs = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if dead(p.name)]
+    _remove(ns, links, dirs)
+    return [*ns, *links, *(str(d) for d in dirs)]
+
+
+def leftovers(pid: int | None = None) -> list[str]:
+    """Namespaces, links and folders of the bench of process ``pid`` (default: this one)."""
+    tag = f"{PREFIX}{pid or os.getpid()}-"
+    return ([n for n in _netns_names() if n.startswith(tag)]
+            + [link for link in _link_names() if link.startswith(tag)]
+            + [str(p) for p in Path(tempfile.gettempdir()).glob(f"{tag}*")])
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    used = []
+    for args in (("-j", "-4", "route", "show", "table", "all"),):
+        for route in json.loads(_ip(*args).stdout or "[]"):
+            dst = route.get("dst", "")
+            if dst and dst != "default":
+                used.append(ipaddress.ip_network(dst, strict=False))
+    for link in json.loads(_ip("-j", "-4", "addr", "show").stdout or "[]"):
+        for addr in link.get("addr_info", []):
+            used.append(ipaddress.ip_network(f"{addr['local']}/{addr['prefixlen']}", strict=False))
+    return used
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Serialise choosing a subnet among benches starting at once (a lock on the temp folder
+    itself: nothing to create, nothing to leave behind)."""
+    fd = os.open(tempfile.gettempdir(), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# The holder of a host's mount and UTS namespaces. Run by `ip netns exec NS unshare -m -u
+# --propagation private`, so nothing it mounts reaches the machine: it names the host, covers
+# the bench's base folder and /tmp with empty tmpfs, puts the host's own folder back at its
+# path (a bind of a descriptor opened before it was covered), makes the given paths read-only,
+# says "ready" and waits for its stdin to close.
+_HOLDER = r'''
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+def mount(src, target, fstype, flags, data=None):
+    enc = lambda s: s.encode() if s is not None else None
+    if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+hostname, home, covered, readonly = sys.argv[1], sys.argv[2], sys.argv[3].split(":"), sys.argv[4:]
+socket.sethostname(hostname)
+own = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+for path in sorted(covered, key=len):
+    if os.path.isdir(path):
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" if path == "/tmp" else "mode=755")
+os.makedirs(home, exist_ok=True)
+mount(f"/proc/self/fd/{own}", home, None, MS_BIND)
+os.close(own)
+for path in readonly:
+    mount(path, path, None, MS_BIND | MS_REC)
+    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+print("ready", flush=True)
+sys.stdin.read()
+'''
+
+
+class Host:
+    """One machine of the bench: a network namespace with address ``addr`` on the bridge,
+    hostname ``hostname``, working folder ``home`` (seen by no other host). Make with
+    :meth:`Bench.host`."""
+
+    def __init__(self, bench: Bench, name: str, index: int):
+        self.bench, self.name, self.index = bench, name, index
+        self.ns = f"{bench.tag}{name}"
+        self.veth = f"{bench.tag}v{index}"  # the bridge's end; the host's end is eth0
+        self.addr = str(bench.subnet.network_address + index + 1)  # .1 is the gateway
+        self.hostname = f"{name}.bench"
+        self.home = bench.base / name
+        self.procs: list[subprocess.Popen] = []
+        self._holder: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        b = self.bench
+        self.home.mkdir(parents=True)
+        _ip("netns", "add", self.ns)
+        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+        _ip("link", "set", self.veth, "master", b.bridge, "up")
+        _ip("-n", self.ns, "addr", "add", f"{self.addr}/{b.subnet.prefixlen}", "dev", "eth0")
+        _ip("-n", self.ns, "link", "set", "eth0", "up")
+        _ip("-n", self.ns, "link", "set", "lo", "up")
+        covered = ":".join(["/tmp", str(b.base)])
+        self._holder = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "unshare", "-m", "-u", "--propagation", "private",
+             sys.executable, "-I", "-c", _HOLDER, self.hostname, str(self.home), covered,
+             *map(str, b.readonly)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        line = self._holder.stdout.readline()
+        if line.strip() != "ready":
+            self._holder.kill()
+            raise RuntimeError(f"host {self.name}: its namespaces did not start: "
+                               f"{line}{self._holder.stderr.read()}")
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """A machine's bare environment (PATH, HOME = its folder, a locale) plus ``extra``:
+        nothing of the test process's own leaks in."""
+        return {"PATH": BASE_PATH, "HOME": str(self.home), "LANG": "C.UTF-8",
+                "TMPDIR": "/tmp", **(extra or {})}
+
+    def _command(self, cmd: Sequence[str], cwd: str | Path | None) -> list[str]:
+        if self._holder is None or self._holder.poll() is not None:
+            raise RuntimeError(f"host {self.name} is not running")
+        return ["nsenter", "-t", str(self._holder.pid), "-n", "-m", "-u",
+                f"--wdns={cwd or self.home}", "--", *map(str, cmd)]
+
+    def popen(self, cmd: Sequence[str], env: dict[str, str] | None = None,
+              cwd: str | Path | None = None, log: str | None = None) -> subprocess.Popen:
+        """Start ``cmd`` on this host in its own process group (``env`` over :meth:`env`'s),
+        output to the bench's log ``log`` (default: the program's name); stopped at teardown
+        if still running. ``proc.log`` is the log file's path."""
+        path = self.bench.log_path(f"{self.name}-{log or Path(str(cmd[0])).name}")
+        with open(path, "ab") as out:
+            proc = subprocess.Popen(self._command(cmd, cwd), env=self.env(env), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = path
+        self.procs.append(proc)
+        return proc
+
+    def run(self, cmd: Sequence[str], env: dict[str, str] | None = None,
+            cwd: str | Path | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``cmd`` on this host and wait; its output (stdout and stderr together) comes
+        back as text. ``check``: raise with that output when it exits non-zero."""
+        proc = subprocess.Popen(self._command(cmd, cwd), env=self.env(env), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        self.procs.append(proc)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_group(proc, grace=0)
+            out, _ = proc.communicate()
+            raise RuntimeError(f"host {self.name}: {' '.join(map(str, cmd))} ran past {timeout} s:"
+                               f"\n{out[-3000:]}") from None
+        result = subprocess.CompletedProcess(list(cmd), proc.returncode, out)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"host {self.name}: {' '.join(map(str, cmd))} exited "
+                               f"{proc.returncode}:\n{out[-3000:]}")
+        return result
+
+    def sees(self, path: str | Path) -> bool:
+        """Whether ``path`` exists for this host's processes."""
+        return self.run(["test", "-e", str(path)], check=False).returncode == 0
+
+    def down(self) -> None:
+        """Cut this host's link to the bridge (its processes stay up, its packets go nowhere)."""
+        _ip("link", "set", self.veth, "down")
+
+    def up(self) -> None:
+        """Restore the link :meth:`down` cut."""
+        _ip("link", "set", self.veth, "up")
+
+    def stop(self, grace: float = 10) -> None:
+        """Stop every process started on this host (SIGTERM to its group, SIGKILL after
+        ``grace`` s), then anything left in its network namespace, then its holder."""
+        for proc in self.procs:
+            stop_group(proc, grace)
+        _kill_netns_pids(self.ns)
+        if self._holder is not None:
+            with contextlib.suppress(OSError):
+                self._holder.stdin.close()
+            stop_group(self._holder, grace=2)
+            for stream in (self._holder.stdout, self._holder.stderr):
+                stream.close()
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10, sig: int = signal.SIGTERM) -> int | None:
+    """Send ``sig`` to ``proc``'s process group, SIGKILL it after ``grace`` s; its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig if grace > 0 else signal.SIGKILL)
+        try:
+            proc.wait(timeout=grace if grace > 0 else 10)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # its children too
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    return proc.returncode
+
+
+class Bench:
+    """A private bridge ``mo-<pid>-br`` on a free 10.213.N.0/24, the root namespace at ``.1``
+    (``gateway``: the test process reaches every host), and the hosts :meth:`host` adds at
+    ``.2``, ``.3``, …. ``readonly``: paths every host sees read-only (the data, the code).
+    :meth:`close` (or leaving the ``with`` block) removes all of it, whatever was set up."""
+
+    def __init__(self, readonly: Sequence[str | Path] = ()):
+        self.tag = f"{PREFIX}{os.getpid()}-"
+        self.bridge = f"{self.tag}br"
+        self.readonly = [Path(p) for p in readonly]
+        self.hosts: dict[str, Host] = {}
+        self.services: list = []  # Postgres / MlflowServer: stopped gently before the kill
+        self.subnet: ipaddress.IPv4Network | None = None
+        self.gateway: str | None = None
+        self.base: Path | None = None
+
+    def __enter__(self) -> Bench:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        clean_leftovers()
+        self.base = Path(tempfile.mkdtemp(prefix=self.tag))
+        self.base.chmod(0o755)  # PostgreSQL's user must reach its folder in it
+        (self.base / "logs").mkdir()
+        with _machine_lock():
+            used = _used_networks()
+            self.subnet = next((net for net in SUBNETS.subnets(new_prefix=24)
+                                if not any(net.overlaps(u) for u in used)), None)
+            if self.subnet is None:
+                raise RuntimeError(f"no free /24 in {SUBNETS} on this machine")
+            self.gateway = str(self.subnet.network_address + 1)
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+
+    def host(self, name: str) -> Host:
+        """A new host ``name`` (a fresh, empty ``home``), up and reachable."""
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", name) or name in self.hosts:
+            raise ValueError(f"host name {name!r}: new, lower-case letters and digits")
+        host = Host(self, name, len(self.hosts) + 1)
+        self.hosts[name] = host
+        host._start()
+        return host
+
+    def log_path(self, stem: str) -> Path:
+        """A log file of the bench (outside every host's view), new for each ``stem``."""
+        path, n = self.base / "logs" / f"{stem}.log", 1
+        while path.exists():
+            n += 1
+            path = self.base / "logs" / f"{stem}.{n}.log"
+        return path
+
+    def close(self) -> None:
+        """Stop the services, every process and holder, delete the namespaces, links and
+        folders. Safe to call on a bench half set up, and twice."""
+        errors = []
+        for service in reversed(self.services):
+            try:
+                service.stop()
+            except Exception as exc:  # noqa: BLE001 - the rest must go regardless
+                errors.append(f"{service}: {exc}")
+        self.services.clear()
+        for host in self.hosts.values():
+            host.stop(grace=5)
+        _remove([h.ns for h in self.hosts.values()],
+                [h.veth for h in self.hosts.values()] + [self.bridge],
+                [self.base] if self.base else [])
+        self.hosts.clear()
+        if errors:  # after the teardown: a service that would not stop gently is worth a look
+            print("bench teardown:", *errors, sep="\n  ", file=sys.stderr)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``url`` answers 200 (or raise, also when ``proc`` exits first)."""
+    end = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: its process exited {proc.returncode} before answering:\n"
+                               f"{tail(proc)}")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{url} did not answer within {timeout} s" +
+                               (f":\n{tail(proc)}" if proc is not None else ""))
+        time.sleep(0.5)
+
+
+def tail(proc: subprocess.Popen, chars: int = 3000) -> str:
+    """The end of the log of a process started with :meth:`Host.popen`."""
+    path = getattr(proc, "log", None)
+    return Path(path).read_text(errors="replace")[-chars:] if path and Path(path).exists() else ""
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin): "
+                           "run `make pg` first")
+    return found[-1].parent
+
+
+class Postgres:
+    """A throw-away PostgreSQL server on ``host``, listening on its address only, user
+    ``postgres`` trusted from the bench's subnet (no password: later slices add one)."""
+
+    def __init__(self, host: Host, port: int = 5432, databases: Sequence[str] = ("optuna", "mlflow")):
+        self.host, self.port, self.databases = host, port, tuple(databases)
+        self.data = host.home / "postgres"
+        self.bindir = _pg_bin()
+        self._initialised = False
+
+    def __str__(self) -> str:
+        return f"PostgreSQL on {self.host.name} ({self.host.addr}:{self.port})"
+
+    def url(self, database: str) -> str:
+        """``postgresql://postgres@ADDR:PORT/DATABASE`` (SQLAlchemy 2.1: psycopg 3)."""
+        return f"postgresql://postgres@{self.host.addr}:{self.port}/{database}"
+
+    def _pg(self, tool: str, *args: str, timeout: float = 120) -> str:
+        return self.host.run(["runuser", "-u", "postgres", "--", str(self.bindir / tool), *args],
+                             timeout=timeout).stdout
+
+    def start(self, timeout: float = 120) -> Postgres:
+        """Create the cluster and its databases the first time; start (again) the server."""
+        if self not in self.host.bench.services:
+            self.host.bench.services.append(self)
+        if not self._initialised:
+            self.data.mkdir()
+            shutil.chown(self.data, "postgres", "postgres")
+            self._pg("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all postgres {self.host.bench.subnet} trust\n")
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
+                 "-t", str(int(timeout)), "start",
+                 "-o", f"-h {self.host.addr} -p {self.port} -k {self.data} -F", timeout=timeout + 10)
+        if not self._initialised:
+            for db in self.databases:
+                self._pg("createdb", "-h", self.host.addr, "-p", str(self.port), "-U", "postgres", db)
+            self._initialised = True
+        return self
+
+    def running(self) -> bool:
+        return self.host.run(["runuser", "-u", "postgres", "--", str(self.bindir / "pg_ctl"),
+                              "-D", str(self.data), "status"], check=False).returncode == 0
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m mode`` (smart, fast, immediate); nothing if it is not running."""
+        if self._initialised and self.running():
+            self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+
+class MlflowServer:
+    """``mlflow server`` on ``host`` at its address: runs and registry in ``backend`` (a
+    database URL), artifacts proxied by the server (clients get ``mlflow-artifacts:/`` URIs)
+    into ``host.home/artifacts``, which no other host can see."""
+
+    def __init__(self, host: Host, backend: str, port: int = 5000, workers: int = 1,
+                 env: dict[str, str] | None = None, allowed_hosts: str | None = ""):
+        self.host, self.backend, self.port, self.workers = host, backend, port, workers
+        # the Host headers it answers (--allowed-hosts): "" its own address, None MLflow's
+        # default (localhost and private addresses)
+        self.allowed_hosts = (f"{host.addr}:{port},{host.addr}" if allowed_hosts == ""
+                              else allowed_hosts)
+        self.artifacts = host.home / "artifacts"
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def __str__(self) -> str:
+        return f"mlflow server on {self.host.name} ({self.uri})"
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host.addr}:{self.port}"
+
+    def start(self, timeout: float = 180) -> MlflowServer:
+        """Start it and wait for ``/health`` from the test process (through the bridge)."""
+        if self not in self.host.bench.services:
+            self.host.bench.services.append(self)
+        bindir = str(Path(sys.executable).parent)  # it starts uvicorn from PATH
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", self.host.addr,
+               "--port", str(self.port), "--workers", str(self.workers),
+               "--backend-store-uri", self.backend,
+               "--artifacts-destination", str(self.artifacts)]
+        if self.allowed_hosts is not None:
+            cmd += ["--allowed-hosts", self.allowed_hosts]
+        self.proc = self.host.popen(cmd, env={"PATH": f"{bindir}:{BASE_PATH}", **self.env},
+                                    log="mlflow-server")
+        wait_http(f"{self.uri}/health", timeout, self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 15) -> None:
+        """Stop it (its whole process group: uvicorn, its workers, the job runner);
+        ``sig=SIGKILL`` kills it outright."""
+        if self.proc is not None:
+            stop_group(self.proc, grace if sig != signal.SIGKILL else 0, sig)
+            self.proc = None
