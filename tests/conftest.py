@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Callable, Iterator
 import mlflow
 import optuna
 import pytest
+from hosts import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,14 +192,7 @@ def running_mlflow_server(backend: str, root: Path, timeout: float = 180.0) -> I
         yield {"uri": uri, "backend": backend, "artifacts": str(root / "artifacts"),
                "log": str(log)}
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_group(proc, grace=30)
 
 
 @pytest.fixture(scope="session")

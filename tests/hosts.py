@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import psutil
+
 PREFIX = "mo-"  # namespaces, links and folders: mo-<pid>-…
 _NAME = re.compile(rf"^{PREFIX}(\d+)-")
 SUBNETS = ipaddress.ip_network("10.213.0.0/16")  # a /24 of it per bench, one not routed here
@@ -65,16 +67,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _netns_names() -> list[str]:
@@ -117,7 +109,7 @@ def _remove(ns: Sequence[str], links: Sequence[str], dirs: Sequence[Path]) -> No
 def clean_leftovers() -> list[str]:
     """Remove the namespaces, links and folders of benches whose process is gone (a crashed
     or killed run); returns their names."""
-    dead = lambda name: (m := _NAME.match(name)) is not None and not _pid_alive(int(m[1]))
+    dead = lambda name: (m := _NAME.match(name)) is not None and not psutil.pid_exists(int(m[1]))
     ns = [n for n in _netns_names() if dead(n)]
     links = [link.split("@")[0] for link in _link_names() if dead(link)]
     dirs = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if dead(p.name)]

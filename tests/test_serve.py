@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hosts import stop_group
 
 from conftest import free_port
 from mnist_opt import data
@@ -115,14 +116,7 @@ def server(registered):
             time.sleep(1)
         yield {"url": url, "port": port, "log": log}
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_group(proc, grace=30)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
