@@ -66,6 +66,17 @@ def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(st
     assert res.val_accuracy == pytest.approx(promoted[winner]["val_accuracy"])
     assert f"retrain takes trial {winner}" in table(study, 5, 0.005)
     assert len(study_split(cfg, full=True).y_train) == 800 and cfg.search_subset == 300
+    # the results table's search time includes the promotion, which ran after the study run
+    from mnist_opt.reporting.results import _line, study_row
+
+    client = MlflowClient()
+    row = study_row(client, cfg)
+    promote_run, = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                      "tags.`mnist_opt.kind` = 'promote'")
+    took = (promote_run.info.end_time - promote_run.info.start_time) / 1000
+    assert row["promote_s"] == pytest.approx(took) and took > 0
+    assert row["search_s"] > row["promote_s"]
+    assert f"(promotion {took / 60:.1f})" in _line(row)
 
 
 def test_a_rerun_promotes_only_what_is_missing(stores, tmp_path):
