@@ -94,7 +94,14 @@ def test_a_variant_leaves_the_recipe_out_of_the_study_file(tmp_path):
     with pytest.raises(StrategyError) as err:  # the tiny study has no promote: nothing to drop
         plan(load_config(_file(tmp_path)), parse_strategies(["random+none:no-promote"]), 1,
              Budget(trials=3), tmp_path / "o")
-    assert "sets none of search.promote" in str(err.value)
+    assert "sets no search.promote" in str(err.value)
+    no_subset = tmp_path / "no_subset.yaml"  # promotion alone: :full-data is :no-promote
+    doc["data"].pop("search_subset")
+    no_subset.write_text(yaml.safe_dump(doc))
+    with pytest.raises(StrategyError) as err:
+        plan(load_config(no_subset), parse_strategies(["random+none:full-data"]), 1,
+             Budget(trials=3), tmp_path / "o")
+    assert "sets no data.search_subset" in str(err.value)
     with pytest.raises(StrategyError) as err:
         parse_strategies(["tpe+none:full-dat"])
     assert "'tpe+none:full-dat' (did you mean 'full-data'?)" in str(err.value)

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def test_the_bench_leaves_nothing_behind_even_when_it_fails():
     gone = subprocess.Popen(["true"])
     gone.wait()
     ns, link = f"mo-{gone.pid}-x", f"mo-{gone.pid}-br"
-    folder = Path(f"/tmp/mo-{gone.pid}-left")
+    folder = Path(tempfile.gettempdir()) / f"mo-{gone.pid}-left"  # where the bench looks
     folder.mkdir()
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "link", "add", link, "type", "bridge"], check=True)
@@ -207,7 +208,8 @@ def test_the_bench_leaves_nothing_behind_even_when_it_fails():
     assert leftovers(gone.pid) == []
 
 
-def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_storage_again(monkeypatch):
+def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_storage_again(monkeypatch,
+                                                                                   tmp_path):
     """Workers on several hosts opening a fresh PostgreSQL storage at once: all but one find
     the tables being made (the bench's workers met it, 1 run in 3)."""
     from mnist_opt.tracking import storage
@@ -220,6 +222,7 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_storage_aga
             raise RuntimeError('(psycopg.errors.DuplicateTable) relation "studies" already exists')
         return real(url, **kwargs)
 
+    monkeypatch.chdir(tmp_path)  # the SQLite init lock file goes beside ":memory:"
     monkeypatch.setattr(storage, "_Storage", racing)
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     url = "sqlite:///:memory:"

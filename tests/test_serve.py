@@ -204,6 +204,7 @@ def test_the_version_served_is_the_champion_else_the_latest_or_the_one_asked_for
     assert serving.resolve("mlp_random").uri == "models:/mlp_random/2"  # no champion: latest
     assert serving.resolve("mlp_tpe", version="2").uri == "models:/mlp_tpe/2"
     assert serving.resolve("mlp_tpe", alias="champion").version == "1"
+    assert serving.resolve("mlp_tpe", version="latest").uri == "models:/mlp_tpe/2"
 
 
 @pytest.mark.e2e

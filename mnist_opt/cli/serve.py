@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="study name: the registered model `retrain` made of it")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", metavar="V",
-                       help="serve version V (default: @champion, else the latest version)")
+                       help="serve version V, or `latest` (default: @champion, else the latest version)")
     which.add_argument("--alias", metavar="A", help="serve the version alias @A points to")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")

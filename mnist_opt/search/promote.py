@@ -75,7 +75,9 @@ def promote(cfg: StudyConfig, study: optuna.Study, verbose: bool = False,
         out(f"promoting {len(todo)} of the top {len(top)} configurations: {len(split.y_train)} "
             f"training images, {epochs:g} epochs each")
     # a promote run in MLflow only when something is trained
-    run = (mlflow.start_run(run_name="promote", experiment_id=tracking.open_experiment(cfg.name),
+    run = (mlflow.start_run(run_name="promote",
+                            # under compare: its experiment, as the repeat's runs
+                            experiment_id=tracking.open_experiment(cfg.name, outer=True),
                             tags={"mnist_opt.kind": "promote", "optuna.study_name": cfg.name})
            if todo else contextlib.nullcontext())
     with run:

@@ -99,12 +99,13 @@ class Strategy(Protocol):
 
 
 # What a variant of the study file leaves out (``SAMPLER+PRUNER:VARIANT``), to measure what a
-# recipe of the file brings against the same search without it: name -> (section, key)s.
+# recipe of the file brings against the same search without it: name -> (the (section, key)s
+# it drops, the one the file must set for the variant to differ from it).
 VARIANTS = {
-    # subset search + promotion against searching all training images
-    "full-data": (("data", "search_subset"), ("search", "promote")),
+    # subset search (+ promotion) against searching all training images
+    "full-data": ((("data", "search_subset"), ("search", "promote")), ("data", "search_subset")),
     # subset search with promotion against the same search without it
-    "no-promote": (("search", "promote"),),
+    "no-promote": ((("search", "promote"),), ("search", "promote")),
 }
 
 
@@ -130,13 +131,14 @@ class OptunaStrategy:
         """Raises :class:`StudyFileError` for a variant that would leave nothing out: the same
         search twice, under two names."""
         doc = copy.deepcopy(base)
-        dropped = [doc.get(section, {}).pop(key, None)
-                   for section, key in VARIANTS.get(self.variant, ())]
-        if self.variant and all(value is None for value in dropped):
-            raise StudyFileError(
-                f"the study file sets none of "
-                f"{', '.join('.'.join(k) for k in VARIANTS[self.variant])}, so :{self.variant} "
-                "would search exactly as the study does: leave the variant out")
+        if self.variant:
+            drops, needed = VARIANTS[self.variant]
+            if doc.get(needed[0], {}).get(needed[1]) is None:
+                raise StudyFileError(
+                    f"the study file sets no {'.'.join(needed)}, so :{self.variant} would "
+                    "search as the study does, or as another variant: leave it out")
+            for section, key in drops:
+                doc.get(section, {}).pop(key, None)
         search = doc.setdefault("search", {})
         search.update(sampler=self.sampler, pruner=self.pruner, seed=seed, **budget.search())
         return doc

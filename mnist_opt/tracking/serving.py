@@ -81,6 +81,8 @@ def resolve(name: str, version: str | None = None, alias: str | None = None,
     if not versions:
         raise ServeError(f"registered model {name!r} has no versions left: {fix}")
     aliases = {a: str(v) for a, v in model.aliases.items()}
+    if str(version).lower() == "latest":  # as models:/NAME/latest says it
+        return Served(name, versions[-1], f"models:/{name}/{versions[-1]}", "--version latest")
     if version is not None:
         if str(version) not in versions:
             raise ServeError(f"registered model {name!r} has no version {version}; its versions: "
