@@ -70,7 +70,7 @@ def test_epochs_are_scaled_from_the_calibrations_images_to_the_studys(cache):
     assert backend.choose(_cfg())[0] == "tensorflow"
     small = _cfg().model_copy(update={"data": _cfg().data.model_copy(
         update={"search_subset": 6000})})
-    assert backend.train_images(small) == 5400
+    assert backend.train_images(small) == 6000  # of the split's 54,000 training images
 
 
 def test_auto_without_a_calibration_is_tensorflow_and_says_how_to_get_one(cache):

@@ -190,8 +190,12 @@ def test_search_subset_applies_to_trials_only(tmp_path):
     path = tmp_path / "cnn_small.yaml"
     path.write_text(yaml.safe_dump(doc))
     cfg = load_config(path)
-    assert cfg.search_subset == 2000 and cfg.data.train_subset is None  # retrain: all images
-    assert with_overrides(cfg, train_subset=1000).search_subset == 1000  # the smaller one
+    assert cfg.trial_images(60000) == 2000 and cfg.data.train_subset is None  # retrain: all
+    assert with_overrides(cfg, train_subset=1000).trial_images(60000) == 900  # its split's 900
+    # trials validate on the whole validation split: not the search of subset studies begun
+    # when they validated on the subset's share
+    assert cfg.search_section()["data"]["search_subset_validation"] == "whole"
+    assert "search_subset_validation" not in load_config(STUDIES / "mlp_tpe.yaml").search_section()["data"]
 
 
 def test_baseline_params_are_checked_like_the_space(tmp_path: Path):

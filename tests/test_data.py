@@ -257,3 +257,17 @@ def test_split_with_train_subset(mnist: data.Dataset):
     _assert_stratified(mnist.y_train, sp)
     again = data.split(mnist, 0.1, 48, train_subset=3000)
     np.testing.assert_array_equal(again.x_train, sp.x_train)
+
+
+def test_a_search_subset_has_fewer_training_images_and_the_whole_validation_split(
+        mnist: data.Dataset, split48: data.Split):
+    few = data.fewer_training_images(split48, 5000, 48)
+    assert len(few.y_train) == 5000 and few.x_train.shape == (5000, 28, 28, 1)
+    np.testing.assert_array_equal(few.y_val, split48.y_val)  # scored on the same images
+    counts = np.bincount(few.y_train, minlength=10) / 5000
+    np.testing.assert_allclose(counts, np.bincount(split48.y_train, minlength=10)
+                               / len(split48.y_train), atol=2e-3)  # stratified
+    val = {x.tobytes() for x in split48.x_val}  # drawn from the training part only
+    assert not any(x.tobytes() in val for x in few.x_train[:500])
+    for size in (None, 10**6):  # none asked, or more than there are: all of them
+        assert len(data.fewer_training_images(split48, size, 48).y_train) == len(split48.y_train)

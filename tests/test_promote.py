@@ -65,7 +65,11 @@ def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(st
     assert res.trial_number == int(winner)
     assert res.val_accuracy == pytest.approx(promoted[winner]["val_accuracy"])
     assert f"retrain takes trial {winner}" in table(study, 5, 0.005)
-    assert len(study_split(cfg, full=True).y_train) == 800 and cfg.search_subset == 300
+    full, trials = study_split(cfg, full=True), study_split(cfg)
+    assert (len(full.y_train), len(trials.y_train)) == (800, 300)
+    # one validation split for the trials, the promotion and retrain's report
+    assert trials.x_val is full.x_val or (trials.y_val == full.y_val).all()
+    assert len(trials.y_val) == 200 and cfg.data.search_subset == 300
     # the results table's search time includes the promotion, which ran after the study run
     from mnist_opt.reporting.results import _line, study_row
 

@@ -7,9 +7,10 @@ evaluation ever touch it.
 from mnist_opt.data.idx import (CLASS_NAMES, COPY_NOTES, FILES, KNOWN_SHA256, MIRRORS,
                                 TRAIN_IMAGES, Dataset, cache_root, data_dir, download, load,
                                 parse_idx, provenance, read_idx_gz, sha256, verify)
-from mnist_opt.data.split import Split, split, stratified_subset, to_float
+from mnist_opt.data.split import Split, fewer_training_images, split, stratified_subset, to_float
 
 __all__ = ["CLASS_NAMES", "COPY_NOTES", "FILES", "KNOWN_SHA256", "MIRRORS", "TRAIN_IMAGES",
-           "Dataset", "Split", "cache_root", "data_dir", "download", "load", "parse_idx",
+           "Dataset", "Split", "cache_root", "data_dir", "download", "fewer_training_images",
+           "load", "parse_idx",
            "provenance", "read_idx_gz", "sha256", "split", "stratified_subset", "to_float",
            "verify"]

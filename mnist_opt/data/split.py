@@ -31,6 +31,13 @@ def stratified_subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int)
     return x_sub, y_sub
 
 
+def fewer_training_images(whole: Split, size: int | None, seed: int) -> Split:
+    """``whole`` with a stratified ``size`` of its training images (all when None or too
+    large) and all of its validation images."""
+    x, y = stratified_subset(whole.x_train, whole.y_train, size, seed)
+    return Split(x, y, whole.x_val, whole.y_val)
+
+
 def split(ds: Dataset, val_fraction: float, seed: int, train_subset: int | None = None) -> Split:
     """Stratified train/validation split of the official training set; the test set stays out.
 

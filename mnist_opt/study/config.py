@@ -72,7 +72,8 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 48
     train_subset: Optional[int] = Field(None, ge=100)  # search and retrain
-    # Search only (a cheaper fidelity); retrain still trains on train_subset / all images.
+    # Search only (a cheaper fidelity): a trial trains on this many of the split's training
+    # images and validates on its whole validation part; retrain trains on all of them.
     search_subset: Optional[int] = Field(None, ge=100)
 
 
@@ -194,11 +195,11 @@ class StudyConfig(_Strict):
         second = ["minimize"] if self.search.second_objective else []
         return [self.search.direction, *second]
 
-    @property
-    def search_subset(self) -> int | None:
-        """The training images a trial draws from: the smaller of the two subsets."""
-        sizes = [n for n in (self.data.train_subset, self.data.search_subset) if n]
-        return min(sizes) if sizes else None
+    def trial_images(self, images: int) -> int:
+        """How many images a trial trains on per epoch, of a dataset of ``images`` training
+        images: its split's training part (of ``train_subset``), or ``search_subset`` of it."""
+        split = round(min(self.data.train_subset or images, images) * (1 - self.data.val_fraction))
+        return min(self.data.search_subset or split, split)
 
     def search_section(self) -> dict[str, Any]:
         """What shapes the search, normalised (defaults filled in, JSON types): stored on the
@@ -212,6 +213,10 @@ class StudyConfig(_Strict):
                 section["search"].pop(key)
         if not self.search.enqueue:  # likewise for studies begun before search.enqueue
             section["search"].pop("enqueue")
+        if self.data.search_subset is not None:
+            # trials validate on the whole validation split (before, on the subset's share of
+            # it): a subset study begun before is another search, not silently continued
+            section["data"]["search_subset_validation"] = "whole"
         return {**section, "parameter_table_version": TABLE_VERSION}
 
     @property

@@ -80,8 +80,7 @@ def expected_epochs(cfg: StudyConfig) -> float:
 
 def train_images(cfg: StudyConfig) -> int:
     """How many images a trial of ``cfg`` trains on per epoch (its split's training part)."""
-    drawn = min(cfg.search_subset or TRAIN_IMAGES, TRAIN_IMAGES)
-    return round(drawn * (1 - cfg.data.val_fraction))
+    return cfg.trial_images(TRAIN_IMAGES)
 
 
 def trial_seconds(timing: dict[str, float], epochs: float, images: int | None = None) -> float:

@@ -18,10 +18,14 @@ from mnist_opt.training.models import build_model
 
 
 def study_split(cfg: StudyConfig, full: bool = False) -> data.Split:
-    """The study's stratified train/validation split of its search subset, if it has one;
-    ``full``: of all its training images (``train_subset``), as promotion re-trains."""
-    return data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
-                      cfg.data.train_subset if full else cfg.search_subset)
+    """The study's stratified train/validation split (of ``train_subset``'s images, if set);
+    a trial's training part is a stratified ``search_subset`` of it, if set, while its
+    validation part stays whole, so that a subset trial, a promoted one and a full-data
+    search are scored on the same images. ``full``: the whole split, as promotion re-trains."""
+    whole = data.split(data.load(cfg.dataset), cfg.data.val_fraction, cfg.data.seed,
+                       cfg.data.train_subset)
+    return whole if full else data.fewer_training_images(whole, cfg.data.search_subset,
+                                                         cfg.data.seed)
 
 
 _IMPORTS_FROZEN = False
