@@ -21,10 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` different free ports: all held open while they are picked, since two picked one
+    after the other can be the same (then one server took the other's port: a 404 for 300 s)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _fetch(url: str, body: dict | None = None, deadline: float = 300.0) -> dict:
@@ -62,7 +66,7 @@ def served_study(stores: dict[str, str]) -> Iterator[tuple[str, str]]:
     on free ports; yields their base URLs and stops both servers afterwards."""
     cfg = with_overrides(find_study("mlp_tpe"), n_trials=2, max_epochs=1, train_subset=1000)
     run_study(cfg, stores["storage"], verbose=False, progress=False)
-    dash_port, ui_port = _free_port(), _free_port()
+    dash_port, ui_port = _free_ports(2)
     dash = _serve("dashboard", STORAGE=stores["storage"], DASHBOARD_PORT=str(dash_port))
     ui = _serve("mlflow-ui", TRACKING=stores["tracking"], MLFLOW_PORT=str(ui_port))
     try:
