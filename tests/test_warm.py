@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.errors import MnistOptError
-from mnist_opt.search.objective import n_finished
+from mnist_opt.search.slots import n_finished
 from mnist_opt.search.runner import run_study
 from mnist_opt.search.warm import KIND, SOURCE, copied
 from mnist_opt.study.config import InvalidStudyFile, load_config

@@ -2,8 +2,9 @@
 that runs one process's share of a study's trials."""
 from __future__ import annotations
 
+import time
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlflow
 import optuna
@@ -11,7 +12,8 @@ import optuna
 from mnist_opt import data, interrupt
 from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.errors import StudyFailedError
-from mnist_opt.search.warm import SEEDED, copied
+from mnist_opt.search.slots import FINISHED, TrialSlots, n_finished
+from mnist_opt.search.warm import SEEDED
 from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
@@ -90,14 +92,7 @@ def callback_factory(cfg: StudyConfig, split: data.Split, verbose: bool):
                                         label=f"trial {trial.number}", **kwargs)
 
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 FAIL = optuna.trial.TrialState.FAIL
-
-
-def n_finished(study: optuna.Study) -> int:
-    """Finished trials toward ``n_trials``: complete or pruned, less those copied in by a
-    warm start (they did not run here)."""
-    return sum(not copied(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def stop_at_target(n_trials: int):
@@ -209,18 +204,29 @@ def check_failures(study: optuna.Study, limit: int, since: datetime) -> None:
         raise StudyFailedError(f"no trial finished in this run: {len(failed)} failed", failed[-1])
 
 
-def optimize(cfg: StudyConfig, study: optuna.Study, split: data.Split, parent: mlflow.entities.Run,
-             n_trials: int, verbose: bool, callbacks: Sequence = (), freeze: bool = False) -> None:
+def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
+             parent: mlflow.entities.Run, n_trials: int, verbose: bool, callbacks: Sequence = (),
+             freeze: bool = False, host_claim: Callable[[], bool] | None = None) -> None:
     """One worker's share: up to ``n_trials`` trials, stopping early once the study has its
     target, its epoch budget is spent, or its trials keep failing (every worker sees the same
-    storage)."""
+    storage ``url``). Each trial starts only through :class:`TrialSlots`, so all the workers
+    of all the hosts together finish exactly the target."""
     if budget_spent(cfg, study):
         return
-    study.optimize(
-        make_objective(cfg, split, parent, verbose, freeze), n_trials=n_trials,
-        timeout=cfg.search.timeout, catch=(Exception,), gc_after_trial=False,
-        callbacks=[stop_at_target(cfg.search.n_trials),
-                   stop_on_failures(cfg.search.max_consecutive_failures, started(parent)),
-                   stop_at_epoch_budget(cfg),
-                   tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
-                   lambda study, trial: interrupt.check(), *callbacks])
+    timeout = cfg.search.timeout
+    slots = TrialSlots(study, url, cfg.search.n_trials, lambda: budget_spent(cfg, study),
+                       None if timeout is None else time.monotonic() + timeout, host_claim)
+    if not slots.claim():
+        return
+    try:
+        study.optimize(
+            slots.gated(make_objective(cfg, split, parent, verbose, freeze)), n_trials=n_trials,
+            timeout=timeout, catch=(Exception,), gc_after_trial=False,
+            callbacks=[stop_at_target(cfg.search.n_trials),
+                       stop_on_failures(cfg.search.max_consecutive_failures, started(parent)),
+                       stop_at_epoch_budget(cfg),
+                       tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
+                       lambda study, trial: interrupt.check(), *callbacks,
+                       slots.claim_next(n_trials)])  # last: the lock is held until the next ask
+    finally:
+        slots.release()  # the loop ended (timeout, stop, Ctrl-C) after a claim

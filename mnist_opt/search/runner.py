@@ -14,16 +14,17 @@ import optuna
 from mnist_opt.errors import StudyFailedError
 from mnist_opt.search import versions
 from mnist_opt.search.objective import (budget_spent, check_failures, epochs_done, failure_streak,
-                                        finished_since, n_finished, optimize, started, summary)
+                                        finished_since, optimize, started, summary)
 from mnist_opt.search.progress import StudyProgress
 from mnist_opt.search.promote import promote
 from mnist_opt.search.samplers import make_pruner, make_sampler
+from mnist_opt.search.slots import fail_stale, n_finished
 from mnist_opt.search.warm import ENQUEUED, warm_start
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.objectives import PROMOTED_BEST
 from mnist_opt.study.space import check_enqueue
 from mnist_opt.tracking import runs as tracking
-from mnist_opt.tracking.storage import fail_dead_owners, make_storage, owner_gone, resolve_storage
+from mnist_opt.tracking.storage import make_storage, owner_gone, resolve_storage
 from mnist_opt.training.backend import apply as apply_backend
 from mnist_opt.training.loop import study_split
 
@@ -123,7 +124,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
         bar = StudyProgress(study, remaining, progress, cfg.search.pick_tolerance)
         try:
             if workers == 1:
-                optimize(cfg, study, split, parent, remaining, verbose, [*callbacks, bar.refresh])
+                optimize(cfg, study, url, split, parent, remaining, verbose, [*callbacks, bar.refresh])
             else:
                 from mnist_opt.search.workers import run_workers
 
@@ -155,18 +156,6 @@ def seed(study: optuna.Study, cfg: StudyConfig, url: str, parent: mlflow.entitie
                             skip_if_exists=True)
     if warm_from:
         print(warm_start(study, cfg, warm_from, url, warm_top, parent).line(), flush=True)
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Fail the trials whose process died, each closed in MLflow and re-queued: on this host
-    at once (its recorded owner is gone), elsewhere once its heartbeat is older than the grace
-    period."""
-    with warnings.catch_warnings():  # experimental since 2.9, and what we need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    for number in fail_dead_owners(study):
-        print(f"trial {number} was left RUNNING by a process that is gone: failed, its "
-              "parameters queued again", flush=True)
 
 
 def check_owners(study: optuna.Study) -> None:

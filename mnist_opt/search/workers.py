@@ -63,19 +63,6 @@ class TrialClaims:
             limit, claimed = self._read(fh)
         return limit - claimed
 
-    def claim_next(self, n_trials: int):
-        """An Optuna callback for a process that claimed its first trial and may run
-        ``n_trials``: claim the next before it starts, or stop the process."""
-        done = 0
-
-        def callback(study, trial) -> None:
-            nonlocal done
-            done += 1
-            if done < n_trials and not self.claim():
-                study.stop()
-
-        return callback
-
 
 def run_workers(cfg, storage: str, parent_run_id: str, remaining: int, workers: int,
                 verbose: bool, progress: StudyProgress | None = None,
@@ -153,7 +140,8 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     from mnist_opt.tracking import runs as tracking
     from mnist_opt.training.loop import study_split
     from mnist_opt.study.config import StudyConfig
-    from mnist_opt.search.objective import budget_spent, n_finished, optimize
+    from mnist_opt.search.objective import budget_spent, optimize
+    from mnist_opt.search.slots import n_finished
     from mnist_opt.search.samplers import make_pruner, make_sampler
     from mnist_opt.tracking.storage import make_storage
 
@@ -170,11 +158,8 @@ def work(config: Path, storage: str, parent_run_id: str, n_trials: int, index: i
     split = study_split(cfg)
     tracking.configure()
     # a short-lived process: freezing after each trial's collection is safe and cheap here
-    shared = TrialClaims(claims) if claims else None
-    if shared and not shared.claim():
-        return  # the other workers started the last trials while this one was starting
-    optimize(cfg, study, split, mlflow.get_run(parent_run_id), n_trials, verbose,
-             [shared.claim_next(n_trials)] if shared else (), freeze=True)
+    optimize(cfg, study, storage, split, mlflow.get_run(parent_run_id), n_trials, verbose,
+             freeze=True, host_claim=TrialClaims(claims).claim if claims else None)
 
 
 def main(argv: list[str] | None = None) -> int:

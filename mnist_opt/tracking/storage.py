@@ -11,6 +11,8 @@ counted as a trial that failed (``search.max_consecutive_failures``).
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import os
 import socket
 import time
@@ -198,6 +200,65 @@ _OPEN_ATTEMPTS = 4
 def _lost_creation_race(exc: Exception) -> bool:
     text = str(exc).lower()
     return "already exists" in text or "duplicate key" in text
+
+
+class StudyLock:
+    """A lock on one study that every worker of every host takes, held while a worker counts
+    the study's trials and asks for its next one (:mod:`mnist_opt.search.slots`).
+
+    PostgreSQL: a session advisory lock on a connection of its own; MySQL: ``GET_LOCK``. The
+    server drops either when the holder's connection closes, so a worker killed while holding
+    it does not block the others. SQLite serves one machine: ``flock`` on
+    ``<file>.trials.lock``, which the kernel drops when the holder dies. An in-memory database
+    lives in one process, which runs one trial at a time: no lock.
+    """
+
+    def __init__(self, url: str, study_name: str):
+        self.url, self.name = url, study_name
+        digest = hashlib.sha256(f"mnist_opt:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)  # pg: a bigint key
+        self._held: object | None = None
+
+    def acquire(self) -> None:
+        if self._held is not None:
+            return
+        path = sqlite_path(self.url)
+        if path is not None and path.name != ":memory:":
+            handle = open(path.with_name(path.name + ".trials.lock"), "a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = handle
+        elif self.url.startswith(("postgresql", "mysql")):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+            conn = engine.connect()
+            sql = ("SELECT pg_advisory_lock(:key)" if self.url.startswith("postgresql")
+                   else "SELECT GET_LOCK(:key, -1)")
+            conn.execute(sqlalchemy.text(sql), {"key": self._key})
+            conn.commit()  # a session lock: it outlives the transaction that took it
+            self._held = conn
+        else:
+            self._held = True
+
+    def release(self) -> None:
+        """Idempotent: releasing a lock not held does nothing."""
+        held, self._held = self._held, None
+        if held is None or held is True:
+            return
+        if hasattr(held, "fileno"):
+            held.close()  # closing the file drops its flock
+            return
+        try:  # closing the connection drops the lock too; unlocking first says so at once
+            import sqlalchemy
+
+            sql = ("SELECT pg_advisory_unlock(:key)" if self.url.startswith("postgresql")
+                   else "SELECT RELEASE_LOCK(:key)")
+            held.execute(sqlalchemy.text(sql), {"key": self._key})
+        except Exception:  # noqa: BLE001 - the server went away: it dropped the lock with us
+            pass
+        finally:
+            held.close()
+            held.engine.dispose()
 
 
 def load_existing(name: str, storage: str) -> optuna.Study:
