@@ -32,10 +32,10 @@ help:  ## list the targets
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,server]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install mnist_opt with its pinned dependencies
+install: $(VENV)/.installed  ## create .venv and install mnist_opt with its pinned dependencies (and the tracking server's, for the tests)
 
 pg:  ## install Debian's PostgreSQL server (the tests start a throw-away one on 127.0.0.1)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
