@@ -24,7 +24,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser netns study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser netns compose study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -85,7 +85,12 @@ netns:  ## the `ip` tool (Debian's iproute2) for the multi-host test (tests/test
 	@command -v ip >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q iproute2 >/dev/null; }
 
-test: install pg browser netns  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
+compose:  ## Debian's docker-compose (no daemon, 16 small packages) for checking deploy/compose.yaml (tests/test_deploy.py)
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+	  --no-install-recommends docker-compose >/dev/null; }
+
+test: install pg browser netns compose  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install  ## the quick loop (< 2 min): no browser, no PostgreSQL, no training beyond seconds
