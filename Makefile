@@ -24,7 +24,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser netns study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser netns compose study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -32,10 +32,10 @@ help:  ## list the targets
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,server]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install mnist_opt with its pinned dependencies
+install: $(VENV)/.installed  ## create .venv and install mnist_opt with its pinned dependencies (and the tracking server's, for the tests)
 
 pg:  ## install Debian's PostgreSQL server (the tests start a throw-away one on 127.0.0.1)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
@@ -85,7 +85,12 @@ netns:  ## the `ip` tool (Debian's iproute2) for the multi-host test (tests/test
 	@command -v ip >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q iproute2 >/dev/null; }
 
-test: install pg browser netns  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
+compose:  ## Debian's docker-compose (no daemon, 16 small packages) for checking deploy/compose.yaml (tests/test_deploy.py)
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+	  --no-install-recommends docker-compose >/dev/null; }
+
+test: install pg browser netns compose  ## run the test suite (real training on small subsets, real PostgreSQL, headless chromium)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install  ## the quick loop (< 2 min): no browser, no PostgreSQL, no training beyond seconds

@@ -11,7 +11,7 @@ machine does not forward.
     with Bench(readonly=[data_dir]) as bench:
         db = bench.host("db")
         pg = Postgres(db).start()
-        server = MlflowServer(db, pg.url("mlflow")).start()
+        server = MlflowServer(db, pg).start()    # deploy/mlflow-server.sh, basic-auth
         worker = bench.host("w1")
         worker.run(["python", "-c", "print(1)"], env={...})
         worker.down(); worker.up()            # cut and restore its link
@@ -33,6 +33,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -418,12 +419,23 @@ def _pg_bin() -> Path:
     return found[-1].parent
 
 
-class Postgres:
-    """A throw-away PostgreSQL server on ``host``, listening on its address only, user
-    ``postgres`` trusted from the bench's subnet (no password: later slices add one)."""
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"  # the recipe the bench runs
 
-    def __init__(self, host: Host, port: int = 5432, databases: Sequence[str] = ("optuna", "mlflow")):
-        self.host, self.port, self.databases = host, port, tuple(databases)
+
+class Postgres:
+    """A throw-away PostgreSQL server on ``host``, set up as the README's many-machine recipe
+    sets one up (``deploy/postgres.sql``): role ``mnist_opt`` with ``password`` owns the
+    databases ``optuna`` and ``mlflow``; it listens on the host's address and on localhost,
+    and asks every TCP client for the password (SCRAM). Only the superuser ``postgres``, over
+    the server's own socket, gets in without one (the bench's administration, as Debian's
+    ``peer``)."""
+
+    USER = "mnist_opt"  # the role deploy/postgres.sql makes
+    DATABASES = ("optuna", "mlflow")
+
+    def __init__(self, host: Host, port: int = 5432, password: str | None = None):
+        self.host, self.port = host, port
+        self.password = password or secrets.token_urlsafe(18)  # no ':' or '\\': .pgpass-safe
         self.data = host.home / "postgres"
         self.bindir = _pg_bin()
         self._initialised = False
@@ -432,29 +444,44 @@ class Postgres:
         return f"PostgreSQL on {self.host.name} ({self.host.addr}:{self.port})"
 
     def url(self, database: str) -> str:
-        """``postgresql://postgres@ADDR:PORT/DATABASE`` (SQLAlchemy 2.1: psycopg 3)."""
-        return f"postgresql://postgres@{self.host.addr}:{self.port}/{database}"
+        """``postgresql://mnist_opt@ADDR:PORT/DATABASE``: no password, a client finds it in
+        its ``.pgpass`` (:meth:`pgpass`)."""
+        return f"postgresql://{self.USER}@{self.host.addr}:{self.port}/{database}"
+
+    def pgpass(self, path: str | Path, hostname: str | None = None) -> Path:
+        """Write a ``.pgpass`` at ``path`` (mode 0600: libpq ignores a file others may read)
+        that gives the password for ``hostname`` (default: this server's address)."""
+        path = Path(path)
+        path.write_text(f"{hostname or self.host.addr}:{self.port}:*:{self.USER}:{self.password}\n")
+        path.chmod(0o600)
+        return path
 
     def _pg(self, tool: str, *args: str, timeout: float = 120) -> str:
         return self.host.run(["runuser", "-u", "postgres", "--", str(self.bindir / tool), *args],
                              timeout=timeout).stdout
 
     def start(self, timeout: float = 120) -> Postgres:
-        """Create the cluster and its databases the first time; start (again) the server."""
+        """Create the cluster, its role and databases the first time; start (again) the server."""
         if self not in self.host.bench.services:
             self.host.bench.services.append(self)
         if not self._initialised:
             self.data.mkdir()
             shutil.chown(self.data, "postgres", "postgres")
-            self._pg("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
-            with open(self.data / "pg_hba.conf", "a") as hba:
-                hba.write(f"host all postgres {self.host.bench.subnet} trust\n")
+            self._pg("initdb", "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+                     "--auth-host=scram-sha-256", "--no-sync")
+            with open(self.data / "pg_hba.conf", "a") as hba:  # the recipe's line
+                hba.write(f"host {','.join(self.DATABASES)} {self.USER} "
+                          f"{self.host.bench.subnet} scram-sha-256\n")
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
-                 "-t", str(int(timeout)), "start",
-                 "-o", f"-h {self.host.addr} -p {self.port} -k {self.data} -F", timeout=timeout + 10)
+                 "-t", str(int(timeout)), "start", "-o",
+                 f"-h {self.host.addr},localhost -p {self.port} -k {self.data} -F",
+                 timeout=timeout + 10)
         if not self._initialised:
-            for db in self.databases:
-                self._pg("createdb", "-h", self.host.addr, "-p", str(self.port), "-U", "postgres", db)
+            sql = DEPLOY / "postgres.sql"  # read as root: the postgres user need not see it
+            self.host.run(["sh", "-c", f"runuser -u postgres -- {self.bindir / 'psql'} -X -q "
+                                       f"-h {self.data} -p {self.port} -U postgres "
+                                       f"-v ON_ERROR_STOP=1 < {sql}"],
+                          env={"DB_PASSWORD": self.password})
             self._initialised = True
         return self
 
@@ -469,18 +496,23 @@ class Postgres:
 
 
 class MlflowServer:
-    """``mlflow server`` on ``host`` at its address: runs and registry in ``backend`` (a
-    database URL), artifacts proxied by the server (clients get ``mlflow-artifacts:/`` URIs)
-    into ``host.home/artifacts``, which no other host can see."""
+    """The tracking server as ``deploy/mlflow-server.sh`` starts it on ``host``: runs and
+    registry in ``pg``'s ``mlflow`` database (over localhost, the password from the server
+    host's ``.pgpass``), artifacts proxied by the server (clients get ``mlflow-artifacts:/``
+    URIs) into ``host.home/mlflow/artifacts``, which no other host can see; MLflow's basic
+    authentication with admin password ``admin_password``. :meth:`add_user` makes the user
+    that clients sign in as (``deploy/mlflow-user.sh``)."""
 
-    def __init__(self, host: Host, backend: str, port: int = 5000, workers: int = 1,
+    def __init__(self, host: Host, pg: Postgres, port: int = 5000, workers: int = 1,
                  env: dict[str, str] | None = None, allowed_hosts: str | None = ""):
-        self.host, self.backend, self.port, self.workers = host, backend, port, workers
+        self.host, self.pg, self.port, self.workers = host, pg, port, workers
         # the Host headers it answers (--allowed-hosts): "" its own address, None MLflow's
         # default (localhost and private addresses)
         self.allowed_hosts = (f"{host.addr}:{port},{host.addr}" if allowed_hosts == ""
                               else allowed_hosts)
-        self.artifacts = host.home / "artifacts"
+        self.dir = host.home / "mlflow"
+        self.artifacts = self.dir / "artifacts"
+        self.admin_password = secrets.token_urlsafe(18)
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
@@ -492,20 +524,32 @@ class MlflowServer:
         return f"http://{self.host.addr}:{self.port}"
 
     def start(self, timeout: float = 180) -> MlflowServer:
-        """Start it and wait for ``/health`` from the test process (through the bridge)."""
+        """Start it and wait for ``/health`` (which needs no credentials) from the test
+        process (through the bridge)."""
         if self not in self.host.bench.services:
             self.host.bench.services.append(self)
-        bindir = str(Path(sys.executable).parent)  # it starts uvicorn from PATH
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", self.host.addr,
-               "--port", str(self.port), "--workers", str(self.workers),
-               "--backend-store-uri", self.backend,
-               "--artifacts-destination", str(self.artifacts)]
+        self.pg.pgpass(self.host.home / ".pgpass", hostname="localhost")  # HOME is home
+        env = {"PATH": f"{Path(sys.executable).parent}:{BASE_PATH}",  # it starts uvicorn from PATH
+               # the test's own interpreter and import path stand for the server's install
+               **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
+               "MLFLOW_DIR": str(self.dir), "MLFLOW_BIND": self.host.addr,
+               "MLFLOW_PORT": str(self.port),
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "bench-" + self.admin_password,
+               "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+               "MLFLOW_SERVER_WORKERS": str(self.workers), **self.env}
         if self.allowed_hosts is not None:
-            cmd += ["--allowed-hosts", self.allowed_hosts]
-        self.proc = self.host.popen(cmd, env={"PATH": f"{bindir}:{BASE_PATH}", **self.env},
+            env["MLFLOW_ALLOWED_HOSTS"] = self.allowed_hosts
+        self.proc = self.host.popen(["sh", str(DEPLOY / "mlflow-server.sh")], env=env,
                                     log="mlflow-server")
         wait_http(f"{self.uri}/health", timeout, self.proc)
         return self
+
+    def add_user(self, username: str, password: str) -> None:
+        """Create an MLflow user, as the admin, with the recipe's script."""
+        self.host.run(["sh", str(DEPLOY / "mlflow-user.sh")], env={
+            "PATH": f"{Path(sys.executable).parent}:{BASE_PATH}", "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+            "MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": password})
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 15) -> None:
         """Stop it (its whole process group: uvicorn, its workers, the job runner);

@@ -1,13 +1,16 @@
 """Several machines on one (tests/hosts.py: network namespaces on a private bridge): a
-database host runs PostgreSQL and ``mlflow server``; three worker hosts run one study
-together, each knowing only ``OPTUNA_STORAGE`` and ``MLFLOW_TRACKING_URI``; a fourth host
-retrains the best trial after the workers' folders are gone, a fifth serves the registered
-model, a sixth asks it for predictions. No host sees another's files.
+database host runs PostgreSQL and ``mlflow server``, set up with the README's many-machine
+recipe (``deploy/``: a password that clients find in ``.pgpass``, MLflow's basic
+authentication); three worker hosts run one study together, each knowing only the variables of
+``deploy/worker.env`` and its ``.pgpass``; a fourth host retrains the best trial after the
+workers' folders are gone, a fifth serves the registered model, a sixth asks it for
+predictions. No host sees another's files.
 
 Needs root (``ip netns``); skipped only where ``unshare -n true`` fails.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -15,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -23,7 +28,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from hosts import BASE_PATH, Bench, MlflowServer, Postgres, leftovers, namespaces_work, tail
+from hosts import BASE_PATH, DEPLOY, Bench, MlflowServer, Postgres, leftovers, namespaces_work
+from hosts import tail
 from hosts import clean_leftovers, stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +37,7 @@ TS = optuna.trial.TrialState
 NAME = "multihost"
 N_TRIALS = 6
 WORKERS = ("w1", "w2", "w3")
+MLFLOW_PASSWORD = "bench-workers-password"  # MLflow wants 12 characters at least
 
 # the one reason to skip: where namespaces can be made, a failure to build the bench fails
 namespaces = pytest.mark.skipif(not namespaces_work(),
@@ -52,6 +59,30 @@ def _mnist_opt_env(**stores: str) -> dict[str, str]:
     the data; plus the stores it is told (nothing else of the test process's)."""
     return {"PATH": f"{Path(sys.executable).parent}:{BASE_PATH}", "PYTHONPATH": str(ROOT),
             "MNIST_OPT_DATA": os.environ["MNIST_OPT_DATA"], "TF_CPP_MIN_LOG_LEVEL": "2", **stores}
+
+
+def _recipe_env(db_host: str) -> dict[str, str]:
+    """``deploy/worker.env``, the variables the README tells every worker to set, with the
+    database host's address for ``dbhost`` and the MLflow user's password filled in."""
+    found = {}
+    for line in (DEPLOY / "worker.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            found[key] = value.replace("dbhost", db_host)
+    found["MLFLOW_TRACKING_PASSWORD"] = MLFLOW_PASSWORD
+    return found
+
+
+def _status(credentials: str | None, url: str) -> int:
+    """The HTTP status the tracking server answers to a GET of ``url`` with these basic-auth
+    ``credentials`` ("user:password") or none."""
+    headers = {} if credentials is None else {
+        "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def _own_processes(tag: str) -> list[str]:
@@ -89,21 +120,38 @@ def _check_tracking(client: MlflowClient, trials: list[optuna.trial.FrozenTrial]
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_workers_on_three_hosts_share_a_study_through_the_servers():
+def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
     start = time.monotonic()
     bench = Bench(readonly=[os.environ["MNIST_OPT_DATA"], ROOT, sys.prefix])
     tag = bench.tag
     with bench:
         db = bench.host("db")
         pg = Postgres(db).start()
-        server = MlflowServer(db, pg.url("mlflow")).start()
-        stores = {"OPTUNA_STORAGE": pg.url("optuna"), "MLFLOW_TRACKING_URI": server.uri}
-        env = _mnist_opt_env(**stores)
+        server = MlflowServer(db, pg).start()
+        recipe = _recipe_env(db.addr)
+        assert recipe["MLFLOW_TRACKING_URI"] == server.uri, "the bench's server is not the recipe's"
+        user = recipe["MLFLOW_TRACKING_USERNAME"]
+        server.add_user(user, MLFLOW_PASSWORD)
+        env = _mnist_opt_env(**recipe)
+        # who may use the tracking server: nobody without the password
+        search = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(None, search) == 401
+        assert _status(f"{user}:not-the-password", search) == 401
+        assert _status(f"{user}:{MLFLOW_PASSWORD}", search) == 200
+        # the test process reads both stores as a worker does: password file, credentials
+        monkeypatch.setenv("PGPASSFILE", str(pg.pgpass(bench.base / "test.pgpass")))
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
         workers = [bench.host(name) for name in WORKERS]
+        connect = [sys.executable, "-c", "import os, psycopg; "
+                   "psycopg.connect(os.environ['OPTUNA_STORAGE']).close()"]
+        refused = workers[0].run(connect, env=env, check=False)  # before its .pgpass exists
+        assert refused.returncode != 0 and "no password supplied" in refused.stdout, refused.stdout
         for w in workers:  # a machine of its own: its folder only, not the server's or a peer's
             assert w.sees(w.home) and not w.sees(db.home) and not w.sees(server.artifacts)
             assert not any(w.sees(peer.home) for peer in workers if peer is not w)
             (w.home / f"{NAME}.yaml").write_text(_study_doc())
+            pg.pgpass(w.home / ".pgpass")  # ~/.pgpass: HOME is the host's folder
         procs = [w.popen([sys.executable, "-m", "mnist_opt", "study", f"{NAME}.yaml",
                           "--workers", "1", "-q"], env=env, log="study") for w in workers]
         try:
@@ -128,6 +176,7 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers():
             shutil.rmtree(w.home)
         trainer = bench.host("trainer")
         (trainer.home / f"{NAME}.yaml").write_text(_study_doc())
+        pg.pgpass(trainer.home / ".pgpass")
         out = trainer.run([sys.executable, "-m", "mnist_opt", "retrain", f"{NAME}.yaml", "-q"],
                           env=env, timeout=900).stdout
         assert f"registered model {NAME} version 1" in out, out[-3000:]
@@ -138,7 +187,7 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers():
 
         serving, asker = bench.host("serving"), bench.host("asker")
         assert not serving.sees(server.artifacts) and not serving.sees(trainer.home)
-        serve_env = _mnist_opt_env(MLFLOW_TRACKING_URI=server.uri)
+        serve_env = _mnist_opt_env(**{k: v for k, v in recipe.items() if k.startswith("MLFLOW_")})
         scorer = serving.popen([sys.executable, "-m", "mnist_opt", "serve", NAME,
                                 "--host", serving.addr, "--port", "5001"], env=serve_env, log="serve")
         asker.run(["sh", "-c", f"{sys.executable} -m mnist_opt serve {NAME} --example 2 "
