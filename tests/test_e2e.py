@@ -273,6 +273,23 @@ def test_cli_study_then_retrain(stores, tmp_path):
     proc = _cli("retrain", "fashion_mlp_tpe", *quick, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy 0." in proc.stdout and "best validation accuracy 0." in proc.stdout
+    # the evaluation on disk too, not only in MLflow: pictures and the numbers behind them
+    folder = tmp_path / "reports" / "fashion_mlp_tpe" / "evaluation"
+    assert {p.name for p in folder.iterdir()} == {
+        "confusion_matrix.png", "misclassified.png", "pr_curves.png", "roc_curves.png",
+        "classification_report.json", "classification_report.txt", "confusion_matrix.json",
+        "pr_roc.json"}
+    for png in ("confusion_matrix.png", "misclassified.png", "pr_curves.png", "roc_curves.png"):
+        with Image.open(folder / png) as im:
+            assert im.format == "PNG" and min(im.size) > 300, png
+    assert "in reports/fashion_mlp_tpe/evaluation/ and the MLflow run's evaluation/" in proc.stdout
+    # the line names the class with the lowest average precision, as pr_roc.json has it
+    scores = json.loads((folder / "pr_roc.json").read_text())
+    ap = {name: v["average_precision"] for name, v in scores.items() if name != "macro avg"}
+    assert len(ap) == 10 and "T-shirt/top" in ap  # Fashion-MNIST's class names
+    lowest = min(ap, key=ap.get)
+    assert (f"macro AP {scores['macro avg']['average_precision']:.4f}, " in proc.stdout and
+            f"lowest AP class {lowest} (AP {ap[lowest]:.4f})" in proc.stdout), proc.stdout
 
 
 @slow  # no training, but `mnist-opt study/retrain` loads TensorFlow first: 5-10 s

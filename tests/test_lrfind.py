@@ -341,6 +341,52 @@ def test_apply_to_a_study_with_trials(stores, tmp_path, monkeypatch, capsys):
     assert run.data.params["lr_schedule"] == "none"  # the trial's decay is off for the test
 
 
+ONE_CYCLE_KEYS = {"warmup_fraction", "div_factor", "final_div", "momentum_high", "momentum_low"}
+
+
+def test_apply_to_a_one_cycle_study_tests_without_the_cycle_and_sets_the_peak_range(
+        stores, tmp_path, monkeypatch, capsys):
+    """mlp_onecycle (lr_schedule: one_cycle, learning_rate is the cycle's peak): the range test
+    runs the best trial's config at constant learning rates, without the cycle's parameters,
+    and --apply rewrites the learning_rate range, i.e. the peak's."""
+    folder = _studies(tmp_path, monkeypatch)
+    shutil.copy(ROOT / "studies" / "mlp_onecycle.yaml", folder)
+    before = (folder / "mlp_onecycle.yaml").read_text()
+    cfg = load_config(folder / "mlp_onecycle.yaml")
+    study = optuna.create_study(study_name="mlp_onecycle", storage=stores["storage"],
+                                direction="maximize")
+    study.enqueue_trial({"n_layers": 1, "units_l0": 128, "dropout_l0": 0.0, "batch_norm": False,
+                         "activation": "relu", "optimizer": "adam", "learning_rate": 1e-3,
+                         "batch_size": 128})
+    trial = study.ask()
+    trained = suggest_params(trial, cfg)
+    study.tell(trial, 0.95)
+    assert trained["lr_schedule"] == "one_cycle" and ONE_CYCLE_KEYS <= set(trained)
+    params, _, number = lrfind.tested_params(cfg, study)
+    assert number == 0 and params["lr_schedule"] == "none" and not ONE_CYCLE_KEYS & set(params)
+    assert params == {**{k: v for k, v in trained.items() if k not in ONE_CYCLE_KEYS},
+                      "lr_schedule": "none"}  # everything else is the trial's
+
+    rc = main(["lr-find", "mlp_onecycle", "--train-subset", "12000", "--apply", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "adam, config of best trial 0" in out
+    _, run = _lr_find_run("mlp_onecycle")
+    assert run.data.params["lr_schedule"] == "none" and not ONE_CYCLE_KEYS & set(run.data.params)
+    after = (folder / "mlp_onecycle.yaml").read_text()
+    diff = [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), n=0,
+                                                  lineterm="")
+            if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+    low, high = run.data.metrics["suggested_lr_min"], run.data.metrics["suggested_lr_max"]
+    assert diff == ["-  learning_rate: {low: 1.0e-4, high: 1.0e-1, log: true}",
+                    f"+  learning_rate: {{low: {lrfind.yaml_float(low)}, "
+                    f"high: {lrfind.yaml_float(high)}, log: true}}"]
+    again = load_config(folder / "mlp_onecycle.yaml")
+    assert again.space["lr_schedule"] == "one_cycle"  # still a one-cycle study, new peak range
+    spec = again.space["learning_rate"]
+    assert isinstance(spec, Range) and (spec.low, spec.high, spec.log) == (low, high, True)
+
+
 @pytest.mark.parametrize("space, what", [("learning_rate: 3.0e-3", "fixed at 0.003"),
                                          ("learning_rate: {choices: [1.0e-3, 1.0e-2]}", "choices"),
                                          ("activation: relu", "not searched")])

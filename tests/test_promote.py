@@ -83,6 +83,35 @@ def test_the_top_k_are_retrained_on_the_full_split_and_the_winner_is_the_pick(st
     assert f"(promotion {took / 60:.1f})" in _line(row)
 
 
+def test_a_top_k_above_the_complete_trials_promotes_all_of_them(stores, tmp_path, capsys):
+    """top_k 5 of 3 trials: all 3 are promoted; a pruned trial is not, though the top 5 has
+    room for it."""
+    import optuna
+
+    from mnist_opt.search.promote import promote
+
+    cfg = load_config(_file(tmp_path, n_trials=3, promote={"top_k": 5, "epochs": 1}))
+    study = run_study(cfg, stores["storage"], verbose=False, progress=False)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3  # no pruner
+    assert "promoting 3 of the top 3 configurations" in capsys.readouterr().out
+    promoted = study.user_attrs[PROMOTED]
+    assert sorted(promoted) == sorted(str(t.number) for t in complete)
+    assert sorted(r.data.tags["trial_number"] for r in _promote_runs(cfg.name)) == \
+           sorted(promoted)
+    best = max(promoted, key=lambda n: (promoted[n]["val_accuracy"], -int(n)))
+    assert study.user_attrs[PROMOTED_BEST] == int(best)
+    # a pruned trial with a higher last value than any: not COMPLETE, so not promoted
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED, params=complete[0].params,
+        distributions=complete[0].distributions, intermediate_values={0: 0.999}))
+    lines: list[str] = []
+    result = promote(cfg, study, out=lines.append)
+    assert sorted(n for n in result if n != "best") == sorted(promoted)
+    assert not any(line.startswith("promoting") for line in lines)  # nothing left to train
+    assert len(_promote_runs(cfg.name)) == 3
+
+
 def test_a_rerun_promotes_only_what_is_missing(stores, tmp_path):
     cfg = load_config(_file(tmp_path))
     study = run_study(cfg, stores["storage"], verbose=False, progress=False)

@@ -12,6 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mnist_opt.errors import MnistOptError
+from mnist_opt.search.objective import summary
 from mnist_opt.search.slots import n_finished
 from mnist_opt.search.runner import run_study
 from mnist_opt.search.warm import KIND, SOURCE, copied
@@ -99,6 +100,32 @@ def test_a_warm_start_copies_the_best_trials_which_do_not_count_toward_n_trials(
     study = _run(_file(tmp_path, "target", n_trials=3), stores["storage"], warm_from="source",
                  warm_top=2, mix=True)
     assert sum(copied(t) for t in study.trials) == 2 and n_finished(study) == 3
+
+
+def test_the_end_of_run_summary_counts_copied_trials_apart(stores, tmp_path, capsys):
+    """`mnist-opt study --warm-start`: the copies are neither complete nor pruned trials of
+    this study (n_trials leaves them out too), in the line it prints and the study run's
+    metrics; the best trial may still be one of them."""
+    from mnist_opt.cli.main import main
+
+    _run(_file(tmp_path, "origin", n_trials=3), stores["storage"])
+    path = _file(tmp_path, "seeded", n_trials=2)
+    rc = main(["study", str(path), "--warm-start", "origin", "--warm-top", "2", "-w", "1", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert ("study seeded: 2 complete, 0 pruned, 0 failed trials in storage (target: 2 "
+            "finished), and 2 copied by a warm start (not counted toward it); this run") in out
+    study = optuna.load_study(study_name="seeded", storage=stores["storage"])
+    assert len(study.trials) == 4 and n_finished(study) == 2
+    result = summary(study, 0.0)
+    assert (result["complete"], result["pruned"], result["fail"], result["copied"]) == \
+           (2, 0, 0, 2)
+    # the best of all four, copies included (a copy's value measures the same)
+    assert result["best_value"] == pytest.approx(max(t.value for t in study.trials))
+    assert result["best_trial"] == study.best_trial.number
+    metrics = MlflowClient().get_run(study.user_attrs["last_mlflow_parent_run_id"]).data.metrics
+    assert {k: metrics[k] for k in ("n_complete", "n_pruned", "n_fail", "n_copied")} == \
+           {"n_complete": 2, "n_pruned": 0, "n_fail": 0, "n_copied": 2}
 
 
 def test_a_warm_start_from_a_study_that_measured_differently_queues_its_trials(stores,

@@ -188,9 +188,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 def _print_summary(cfg, result: dict, interrupted: bool, storage: str,
                    failure: StudyFailedError | None = None, workers: int = 1) -> None:
     head = "interrupted; " if interrupted else "stopped; " if failure else ""
+    copies = (f", and {result['copied']} copied by a warm start (not counted toward it)"
+              if result["copied"] else "")
     print(f"\n{head}study {cfg.name}: {result['complete']} complete, {result['pruned']} pruned, "
-          f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished); "
-          f"this run: {workers} worker process{'es' * (workers != 1)}")
+          f"{result['fail']} failed trials in storage (target: {cfg.search.n_trials} finished)"
+          f"{copies}; this run: {workers} worker process{'es' * (workers != 1)}")
     second = cfg.search.second_objective
     if "pareto" in result:
         from mnist_opt.study.objectives import rule

@@ -13,7 +13,7 @@ from mnist_opt import data, interrupt
 from mnist_opt.reporting.trial_cost import epochs_trained
 from mnist_opt.errors import StudyFailedError
 from mnist_opt.search.slots import FINISHED, TrialSlots, n_finished
-from mnist_opt.search.warm import SEEDED
+from mnist_opt.search.warm import SEEDED, copied
 from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
@@ -107,10 +107,17 @@ def stop_at_target(n_trials: int):
 
 
 def summary(study: optuna.Study, tolerance: float) -> dict[str, Any]:
-    """Trial counts, and the best trial (by :func:`objectives.pick` with two objectives)."""
-    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    """Trial counts, and the best trial (by :func:`objectives.pick` with two objectives).
+
+    ``complete``, ``pruned`` and ``fail`` count the trials run in this study, as ``n_trials``
+    does (:func:`n_finished`); ``copied`` counts those a warm start copied in. The best trial
+    may be a copied one: its value measures the same as this study's.
+    """
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name.lower() for t in trials if not copied(t)]
     out: dict[str, Any] = {s: states.count(s) for s in ("complete", "pruned", "fail")}
-    if out["complete"]:
+    out["copied"] = sum(map(copied, trials))
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
         best = objectives.pick(study, tolerance)
         out.update(best_trial=best.number, best_value=best.values[0], best_values=best.values,
                    best_params=best.params)

@@ -139,7 +139,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
             fail_stale(study)  # a worker killed -9 under us: its trial is failed now
             result = summary(study, cfg.search.pick_tolerance)
             mlflow.log_metric("wall_s", time.monotonic() - start)
-            for key in ("complete", "pruned", "fail"):
+            for key in ("complete", "pruned", "fail", "copied"):  # copied: by a warm start
                 mlflow.log_metric(f"n_{key}", result[key])
             log_plots(study, cfg.objective_names)
         check_owners(study)  # inside: the parent run ends FAILED, not FINISHED

@@ -292,7 +292,9 @@ def close_orphans(study: optuna.Study, experiment_id: str) -> int:
 def portable(model: keras.Model) -> keras.Model:
     """``model``, or, when its optimizer is not one of Keras' own (the one-cycle optimizers
     of ``training.schedules``), an uncompiled copy with its weights: a logged model must load
-    where only Keras is installed (``mlflow models serve``), and inference needs no optimizer."""
+    where only Keras is installed (``mlflow models serve``), and inference needs no optimizer.
+
+    Told apart by the class's module: ``tracking`` may not import ``training`` (the layers)."""
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or type(optimizer).__module__.startswith("keras."):
         return model

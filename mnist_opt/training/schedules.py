@@ -120,8 +120,3 @@ class OneCycleSGD(CycledMomentum, keras.optimizers.SGD):
 
 ONE_CYCLE = {"adam": OneCycleAdam, "adamw": OneCycleAdamW, "sgd": OneCycleSGD,
              "sgdw": OneCycleSGD}
-
-
-def is_ours(optimizer: keras.optimizers.Optimizer) -> bool:
-    """Whether loading ``optimizer`` needs this module imported (not a stock Keras one)."""
-    return isinstance(optimizer, CycledMomentum)
