@@ -3,7 +3,7 @@
     python bench/scale.py                      # N = 1, 4, 16, 64; plain RDB and the gRPC proxy
                                                # (make bench-scale): bench/results/scale.{json,md}
                                                # and the README's section
-    python bench/scale.py --quick              # N = 1, 4, 5 trials each, into bench/work/scale-quick/
+    python bench/scale.py --quick              # N = 1, 4, 5 trials each: bench/work/scale-quick/
     python bench/scale.py --render             # only rewrite scale.md and the README section
 
 Runs in the multi-host bench of ``tests/hosts.py`` (network namespaces, as root): a ``db``
@@ -23,18 +23,21 @@ processes spread round-robin over a few worker hosts each loop as a real worker 
 * a small artifact (``log_text``, 1 kB through the server's artifact proxy), ``set_terminated``,
   and the tell.
 
-Every call is timed; a trial's *coordination cost* is the sum of its calls (there is nothing
-else in it). The workers start together once all have imported and opened their stores. Per
-N: trials per second, p50/p95 of each call, the p95 of the per-trial coordination cost, the
-peak of the database connections (``pg_stat_activity``, client backends, polled every 0.25 s
-from the db host's view), errors, and whether the counts add up (asked = told = finished =
-the study's target, one MLflow run per trial).
+Each worker runs 20 trials (at most 640 per N: 10 each at N = 64); a short warm-up run goes
+first, unreported. Every call is timed; a trial's *coordination cost* is the sum of its calls
+(there is nothing else in it); each worker's first trial (lazy imports, first connections) is
+left out of the percentiles and shown apart. The workers start together once all have
+imported and opened their stores. Per N: trials per second, p50/p95 of each call, the p95 of
+the per-trial coordination cost, the peak of the database connections (``pg_stat_activity``'s
+client backends every 0.25 s, by who holds them), errors, and whether the counts add up
+(asked = told = finished = the study's target, one finished MLflow run per trial).
 
 ``--storages grpc`` puts Optuna's ``GrpcStorageProxy`` in front of the database
 (``run_grpc_proxy_server`` on the db host with Optuna's cached RDB storage): the workers talk
 gRPC to it, but the gate's lock still needs the database URL (``StudyLock``), so they still
 connect to PostgreSQL for it; and the proxy has no heartbeat (``GrpcStorageProxy`` is not a
 ``BaseHeartbeat``), so a killed worker's trial stays RUNNING and keeps its slot for good.
+(``grpcio``, which the proxy needs, comes with the pinned TensorFlow.)
 
 All clients, both servers and the database share this machine's cores: the figures are a
 lower bound of what one database and one tracking server on their own machine sustain.
@@ -64,6 +67,7 @@ RESULTS = ROOT / "bench" / "results"
 QUICK_OUT = ROOT / "bench" / "work" / "scale-quick"  # git-ignored
 README_START, README_END = "<!-- scale:start -->", "<!-- scale:end -->"
 NS, TRIALS_PER_WORKER, HOSTS = (1, 4, 16, 64), 20, 4
+MAX_TRIALS = 640  # per N: fewer trials per worker where N x 20 would be more (N = 64: 10)
 STEPS = 10  # intermediate values per trial
 GRPC_PORT = 13000
 WARM_UP_TRIALS = 3
@@ -201,8 +205,9 @@ def worker(args: argparse.Namespace) -> int:
     try:
         if timed_claim():
             try:
-                study.optimize(slots.gated(objective), n_trials=args.trials, catch=(Exception,),
-                               gc_after_trial=False, callbacks=[told, slots.claim_next(args.trials)])
+                study.optimize(slots.gated(objective), n_trials=args.trials,
+                               catch=(Exception,), gc_after_trial=False,
+                               callbacks=[told, slots.claim_next(args.trials)])
             finally:
                 slots.release()
     except Exception as exc:  # noqa: BLE001 - counted, not fatal to the bench
@@ -374,6 +379,7 @@ def summarise(storage: str, n: int, trials: int, go: float, reports: list[dict],
              for name in CALLS}
     per_trial = [v for r in ok for v in r["per_trial"][1:]]
     first_trial = [r["per_trial"][0] for r in ok if r["per_trial"]]
+    ask_with_gate = [a + g for a, g in zip(calls["ask"], calls["gate"])]
     told = sum(sum(r["states"].values()) for r in ok)
     wall = max((r["end"] for r in ok), default=go) - go
     trials_db = study.get_trials(deepcopy=False)
@@ -389,12 +395,13 @@ def summarise(storage: str, n: int, trials: int, go: float, reports: list[dict],
         "errors": len(errors), "error_samples": errors[:5],
         "latency_s": {name: {"n": len(v), "p50": _percentile(v, 50), "p95": _percentile(v, 95)}
                       for name, v in calls.items()},
-        "ask_with_gate_s": {"p50": _percentile([a + g for a, g in zip(calls["ask"], calls["gate"])], 50),
-                            "p95": _percentile([a + g for a, g in zip(calls["ask"], calls["gate"])], 95)},
+        "ask_with_gate_s": {"p50": _percentile(ask_with_gate, 50),
+                            "p95": _percentile(ask_with_gate, 95)},
         "coordination_per_trial_s": {"p50": _percentile(per_trial, 50),
                                      "p95": _percentile(per_trial, 95),
                                      "mean": statistics.fmean(per_trial) if per_trial else None},
-        "first_trial_s": {"p50": _percentile(first_trial, 50), "max": max(first_trial, default=None)},
+        "first_trial_s": {"p50": _percentile(first_trial, 50),
+                          "max": max(first_trial, default=None)},
         "peak_db_connections": peak, "connection_poll_errors": len(poll_errors)}
 
 
@@ -466,9 +473,10 @@ def run(args: argparse.Namespace) -> dict:
                   f"{line(warm)}", flush=True)
         for n in args.ns:
             for storage in args.storages:
-                print(f"{storage}, N={n}: {n} workers x {args.trials_per_worker} trials", flush=True)
+                each = min(args.trials_per_worker, max(2, args.max_trials // n))
+                print(f"{storage}, N={n}: {n} workers x {each} trials", flush=True)
                 clock = time.monotonic()
-                one = run_one(pg, server, hosts, storage, n, args.trials_per_worker,
+                one = run_one(pg, server, hosts, storage, n, each,
                               args.timeout, proxy if storage == "grpc" else None)
                 one["bench_s"] = time.monotonic() - clock  # processes' start-up included
                 results.append(one)
@@ -478,7 +486,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": describe(()).rstrip("; "), "code": code_version(), "versions": versions,
             "postgresql": server_version, "mlflow_server_workers": args.mlflow_workers,
-            "worker_hosts": args.hosts, "steps": STEPS, "warm_up_trials": args.warm_up,
+            "worker_hosts": args.hosts, "steps": STEPS, "trials_per_worker": args.trials_per_worker,
+            "max_trials": args.max_trials, "warm_up_trials": args.warm_up,
             "command": f"python bench/scale.py {shlex.join(args.argv)}".strip(),
             "trial_time": trial_seconds(), "results": results}
 
@@ -565,7 +574,7 @@ def tables(out: dict) -> str:
     head = ["| storage | N | trials | trials / s | ask incl. gate p50 / p95 ms | report p50 / p95 ms "
             "| tell p50 / p95 ms | coordination per trial p95 ms | a worker's first trial p50 ms "
             "| peak DB connections "
-            "(workers + proxy + tracking server) | errors | counts add up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "(workers + proxy + tracking server) | errors | counts add up |", "|---" * 12 + "|"]
     for r in out["results"]:
         lat, peak = r["latency_s"], r["peak_db_connections"]
         head.append(
@@ -575,7 +584,8 @@ def tables(out: dict) -> str:
             f"{_ms(lat['report']['p95'])} | {_ms(lat['tell']['p50'])} / {_ms(lat['tell']['p95'])} "
             f"| {_ms(r['coordination_per_trial_s']['p95'])} | {_ms(r['first_trial_s']['p50'])} "
             f"| {peak['total']} ({peak['workers']} + "
-            f"{peak['proxy']} + {peak['mlflow']}) | {r['errors']} | {'yes' if counts_add_up(r) else 'no'} |")
+            f"{peak['proxy']} + {peak['mlflow']}) | {r['errors']} | "
+            f"{'yes' if counts_add_up(r) else 'no'} |")
     calls = ["| storage | N | " + " | ".join(c.replace("mlflow.", "") for c in MLFLOW_CALLS)
              + " | gate | ask | suggest (5) | set_user_attr |",
              "|---|---|" + "---|" * (len(MLFLOW_CALLS) + 4)]
@@ -583,7 +593,8 @@ def tables(out: dict) -> str:
         lat = r["latency_s"]
         cells = [f"{_ms(lat[c]['p50'])} / {_ms(lat[c]['p95'])}"
                  for c in (*MLFLOW_CALLS, "gate", "ask", "suggest", "set_user_attr")]
-        calls.append(f"| {names.get(r['storage'], r['storage'])} | {r['n']} | " + " | ".join(cells) + " |")
+        calls.append(f"| {names.get(r['storage'], r['storage'])} | {r['n']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(head) + "\n\nEach call's p50 / p95 in ms (MLflow calls first; `log_metric` "\
         f"{STEPS} times per trial, `report` = `trial.report` + `trial.should_prune`, {STEPS} " \
         "times):\n\n" + "\n".join(calls)
@@ -597,8 +608,9 @@ def conclusions(out: dict) -> str:
     parts = []
     for storage, rows in by.items():
         label = {"rdb": "Plain RDB storage", "grpc": "Through the gRPC proxy"}.get(storage, storage)
-        parts.append(f"- {label}: {saturation(rows)}; peak {max(r['trials_per_s'] for r in rows):.1f} "
-                     f"trials/s; at most {max(r['peak_db_connections']['total'] for r in rows)} "
+        best = max(r["trials_per_s"] for r in rows)
+        most = max(r["peak_db_connections"]["total"] for r in rows)
+        parts.append(f"- {label}: {saturation(rows)}; peak {best:.1f} trials/s; at most {most} "
                      "database connections of PostgreSQL's default `max_connections` = 100; "
                      f"{sum(r['errors'] for r in rows)} errors.")
     targets = []
@@ -607,10 +619,11 @@ def conclusions(out: dict) -> str:
         at16 = next((r for r in rows if r["n"] == 16), None)
         targets.append(
             f"{storage}: {big['n']} concurrent workers with "
-            f"{'no errors' if big['errors'] == 0 and counts_add_up(big) else 'errors or lost counts'}"
+            + ("no errors" if big["errors"] == 0 and counts_add_up(big) else "errors or lost counts")
             + ("" if at16 is None else f", coordination p95 at 16 workers "
                f"{_ms(at16['coordination_per_trial_s']['p95'])} ms "
-               f"({'within' if at16['coordination_per_trial_s']['p95'] <= 0.2 else 'over'} 200 ms)"))
+               f"({'within' if at16['coordination_per_trial_s']['p95'] <= 0.2 else 'over'} "
+               "200 ms)"))
     feeds = []
     for storage, f in fed(out).items():
         feeds.append(f"{storage}: none — at N = {f['at_n']} coordination p95 is already "
@@ -653,8 +666,9 @@ def render(out: dict, path: Path, readme: bool) -> int:
         f"server ({out['mlflow_server_workers']} server processes, basic-auth, artifacts "
         f"proxied) on the `db` host of the namespaced bench; N simulated workers (no training) "
         f"round-robin over {out['worker_hosts']} worker hosts, each running "
-        f"{out['results'][0]['trials_per_worker'] if out['results'] else '?'} trials of one "
-        f"shared study through `TrialSlots` (gate + ask under the study's lock) and "
+        f"{out.get('trials_per_worker', '?')} trials (fewer where N × that would pass "
+        f"{out.get('max_trials', '?')}) of one shared study through `TrialSlots` (gate + ask "
+        "under the study's lock) and "
         f"`make_storage` (heartbeat on); per trial {STEPS} reports and metrics, 5 parameters, "
         "a nested MLflow run, a 1 kB artifact. Times are per call, from the workers' side; "
         "each worker's first trial (its one-off start-up) is left out of the percentiles and "
@@ -679,15 +693,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials-per-worker", type=int, default=None,
                         help=f"trials each worker runs (default {TRIALS_PER_WORKER})")
     parser.add_argument("--storages", default="rdb,grpc", help="rdb, grpc or both (default)")
+    parser.add_argument("--max-trials", type=int, default=MAX_TRIALS,
+                        help=f"at most this many trials per N (default {MAX_TRIALS}): fewer per "
+                        "worker at large N")
     parser.add_argument("--hosts", type=int, default=HOSTS, help=f"worker hosts (default {HOSTS})")
     parser.add_argument("--mlflow-workers", type=int, default=4,
                         help="tracking server processes (default 4, MLflow's and the recipe's)")
     parser.add_argument("--warm-up", type=int, default=WARM_UP_TRIALS,
                         help=f"trials per worker host of the unreported warm-up run (default "
                         f"{WARM_UP_TRIALS}; 0: none)")
-    parser.add_argument("--timeout", type=float, default=1800, help="per N and storage, seconds")
+    parser.add_argument("--timeout", type=float, default=3600, help="per N and storage, seconds")
     parser.add_argument("--quick", action="store_true",
-                        help=f"N = 1, 4, 5 trials each, results into {QUICK_OUT.relative_to(ROOT)}/")
+                        help=f"N = 1, 4, 5 trials each, into {QUICK_OUT.relative_to(ROOT)}/")
     parser.add_argument("--out", type=Path, default=None, help="folder for scale.json and scale.md "
                         "(default bench/results; --quick: bench/work/scale-quick)")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
@@ -707,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy_server:
         return proxy_server(args)
     args.argv = argv
-    args.ns = [int(n) for n in (args.ns or ("1,4" if args.quick else ",".join(map(str, NS)))).split(",")]
+    ns = args.ns or ("1,4" if args.quick else ",".join(map(str, NS)))
+    args.ns = [int(n) for n in ns.split(",")]
     args.trials_per_worker = args.trials_per_worker or (5 if args.quick else TRIALS_PER_WORKER)
     args.storages = [s for s in args.storages.split(",") if s]
     if set(args.storages) - {"rdb", "grpc"}:
@@ -715,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (QUICK_OUT if args.quick else RESULTS)
     readme = not args.no_readme and out_dir.resolve() == RESULTS.resolve()
     if args.render:
+        if not (out_dir / "scale.json").exists():
+            print(f"no {out_dir / 'scale.json'}: run `make bench-scale` first", file=sys.stderr)
+            return 2
         return render(json.loads((out_dir / "scale.json").read_text()), out_dir, readme)
     from hosts import namespaces_work
 
