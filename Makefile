@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 PORT ?= 5001
+SCALE_ARGS ?=
 
 # Data: $MNIST_OPT_DATA if set; else ../shared/data when it exists (offline machines);
 # else the package downloads the files into ~/.cache/mnist_opt/data.
@@ -24,7 +25,7 @@ TRACKING := $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help install pg browser netns compose study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
+.PHONY: help install pg browser netns compose study retrain report results calibrate lr-find predict serve compare list check docs test test-fast bench bench-quick bench-results bench-throughput throughput-results bench-scale scale-results bench-speedup speedup-results strategies strategies-results dashboard mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -117,6 +118,12 @@ speedup-results: install  ## rewrite bench/results/speedup.md and the README's s
 
 throughput-results: install  ## rewrite bench/results/throughput.md and the README's throughput section from throughput.json
 	$(BIN)/python bench/throughput.py --render
+
+bench-scale: install pg netns  ## N = 1, 4, 16, 64 simulated workers (no training) on one PostgreSQL + one MLflow server in the namespaced bench (root), plain RDB vs the gRPC proxy; [SCALE_ARGS=--quick] (N = 1, 4, 5 trials each, into bench/work/scale-quick/)
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+
+scale-results: install  ## rewrite bench/results/scale.md and the README's scale section from scale.json
+	$(BIN)/python bench/scale.py --render
 
 strategies: install  ## the shipped studies' strategy comparisons into bench/results/compare/ (hours; resumable): [ARGS="--only mlp_tpe"]
 	$(BIN)/python bench/strategies.py $(ARGS)
