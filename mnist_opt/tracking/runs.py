@@ -30,6 +30,7 @@ from mnist_opt.tracking.serving import CHAMPION
 from mnist_opt.tracking.urls import DEFAULT_DIR, sqlite_init_lock, sqlite_path, tracking_uri
 
 INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
+
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
                     *([f"jax=={importlib.metadata.version('jax')}",
@@ -41,6 +42,18 @@ PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__
 # `mlflow.parentRunId`, and the trial runs nest under the study run as always. Unset (the
 # normal case): a top-level run in the experiment named after the study.
 PARENT_RUN_ENV = "MNIST_OPT_PARENT_RUN"
+
+
+class TrialLost(Exception):
+    """This worker's trial was finished by another: failed as stale (its heartbeats stopped
+    reaching the storage: a long database outage, a cut link) and its parameters queued
+    again. Whatever this worker measured is dropped; the copy runs again as a new trial."""
+
+    def __init__(self, number: int):
+        super().__init__(f"trial {number} was failed as stale by another worker while this one "
+                         "could not reach the storage: its result is dropped, its parameters "
+                         "run again as a new trial")
+        self.number = number
 
 
 def configure() -> str:
@@ -205,7 +218,15 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
     try:
         mlflow.log_params(params)
         yield run
+        # a write that fails when another worker failed the trial meanwhile: then the run
+        # must not end FINISHED for a trial that Optuna counts as failed
+        trial.set_user_attr("duration_s", round(time.monotonic() - start, 3))
         state, status = "complete", "FINISHED"
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # the stale check closed the run KILLED already, unless it could not reach MLflow
+        status = "KILLED"
+        mlflow.set_tag("fail_reason", "stale: failed by another worker (no heartbeat)")
+        raise TrialLost(trial.number) from None
     except optuna.TrialPruned as exc:
         state, status = "pruned", "KILLED"
         mlflow.set_tag("prune_reason", str(exc) or "pruner")
