@@ -12,6 +12,7 @@ import importlib.metadata
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Iterator
@@ -68,7 +69,38 @@ def configure() -> str:
     mlflow.set_tracking_uri(uri)
     # "Creating initial MLflow database tables..." on every new store tells a user nothing
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    connections = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryNotice) for h in connections.handlers):
+        connections.addHandler(_RetryNotice())
     return uri
+
+
+class _RetryNotice(logging.Handler):
+    """One line when MLflow's client starts retrying a tracking server that does not answer.
+
+    MLflow retries each request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, with
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, default 2: about 4 minutes; each attempt waits up
+    to ``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s), and urllib3 notes each retry to a logger no
+    one shows. Say it once per ``QUIET_S``, not once per retry, and with no traceback."""
+
+    QUIET_S = 300.0
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._last = -self.QUIET_S
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("Retrying") or \
+                time.monotonic() - self._last < self.QUIET_S:
+            return
+        self._last = time.monotonic()
+        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES as retries
+
+        err = record.args[1] if isinstance(record.args, tuple) and len(record.args) > 1 else ""
+        print(f"MLflow tracking server not answering ({type(err).__name__}): its client retries "
+              f"each request up to {retries.get()} times with back-off "
+              "(MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)",
+              file=sys.stderr, flush=True)
 
 
 def open_experiment(name: str, outer: bool = False) -> str:
