@@ -86,7 +86,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     opened = make_storage(url)  # a bad storage URL: refused before MLflow is touched
     experiment = tracking.open_experiment(cfg.name, outer=True)  # compare's, under compare
     study, mixed = open_study(cfg, opened, mix, argument)
-    fail_stale(study)
+    fail_stale(study, url)
     # runs a killed process of this host left RUNNING, also when nothing is left to run:
     # the host of a worker killed near the end comes back to a study that is done
     tracking.close_orphans(study, experiment)
@@ -138,7 +138,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
             check_failures(study, limit, since)
         finally:
             bar.close()
-            fail_stale(study)  # a worker killed -9 under us: its trial is failed now
+            fail_stale(study, url)  # a worker killed -9 under us: its trial is failed now
             result = summary(study, cfg.search.pick_tolerance)
             mlflow.log_metric("wall_s", time.monotonic() - start)
             for key in ("complete", "pruned", "fail", "copied"):  # copied: by a warm start
