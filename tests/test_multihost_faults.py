@@ -149,7 +149,8 @@ def _check_end(stack: Stack, name: str, n_trials: int) -> list[optuna.trial.Froz
     """Exactly the target finished; every COMPLETE trial has exactly one FINISHED MLflow run
     with one model; no run RUNNING; a failed trial's run is not FINISHED. The trials."""
     trials = stack.study(name).trials
-    states = [(t.number, t.state.name) for t in trials]
+    states = [(t.number, t.state.name, t.user_attrs.get("host"), t.system_attrs.get("failed_trial"),
+               t.user_attrs.get("fail_reason")) for t in trials]
     assert sum(t.state == TS.COMPLETE for t in trials) == n_trials, states
     assert not any(t.state in (TS.RUNNING, TS.WAITING) for t in trials), states
     client = MlflowClient(stack.server.uri)
@@ -312,3 +313,45 @@ def test_workers_ride_out_a_tracking_server_restart(as_worker):
     print(f"\nmlflow server away {away_s:.0f} s: study of {n_trials} trials in "
           f"{time.monotonic() - start:.0f} s; reported: {lines}")
 
+
+
+def test_a_worker_cut_off_longer_than_the_grace_period_records_no_duplicate(as_worker):
+    """(c) One worker host's link is cut mid-trial (``ip link set … down``: its packets go
+    nowhere) until the two others, waiting for a free slot, have failed its trial as stale
+    and run its parameters again; then the link comes back. The cut-off worker's storage
+    calls time out (``connect_timeout``, ``tcp_user_timeout``) and are retried; once through,
+    it finds its trial failed, drops its result and records nothing for it: the failed trial
+    stays FAIL (the one COMPLETE trial with its parameters is the copy), its run is not
+    FINISHED. (Parameters alone cannot tell a duplicate here: each worker's random sampler
+    has the study's seed, so the workers' first trials draw the same values.)"""
+    stack, name, n_trials, grace = as_worker, "linkcut", 3, 8
+    start = time.monotonic()
+    procs = stack.start(name, n_trials, stack.env(heartbeat=1, grace=grace))
+    # three trials for three slots: the two others wait, polling, once theirs complete
+    victim = _wait_until("3 trials training", lambda: len(_training(stack, name)) == 3 and
+                         _training(stack, name, "w1"), 600, procs)[0]
+    w1 = stack.workers[0]
+    w1.down()
+    cut = time.monotonic()
+    try:
+        _wait_until(f"trial {victim.number} failed",
+                    lambda: stack.study(name).trials[victim.number].state == TS.FAIL, 600,
+                    procs)
+    finally:
+        w1.up()
+    cut_s = time.monotonic() - cut
+    assert cut_s > grace
+    _finish(procs)
+    for w, proc in zip(WORKERS, procs):
+        assert proc.returncode == 0, f"{w}:\n{tail(proc)}"
+    trials = _check_end(stack, name, n_trials)
+    failed = trials[victim.number]
+    assert failed.user_attrs["fail_reason"].startswith("stale: no heartbeat"), failed.user_attrs
+    _requeued(trials, failed)  # one COMPLETE copy; the cut-off worker's own stays FAIL
+    run = MlflowClient(stack.server.uri).get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED", run.info
+    lines = _fault_report(procs, r"database|failed as stale|tracking server")
+    assert any(f"trial {failed.number} was failed as stale" in line
+               for line in lines[Path(procs[0].log).name]), lines
+    print(f"\nlink cut {cut_s:.0f} s (grace {grace} s): study of {n_trials} trials in "
+          f"{time.monotonic() - start:.0f} s; reported: {lines}")
