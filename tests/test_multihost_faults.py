@@ -2,7 +2,8 @@
 tests/hosts.py: a database host runs PostgreSQL and the MLflow tracking server as the README's
 recipe sets them up, three worker hosts run one study with ``mnist-opt study --workers 1``.
 Mid-study, a worker is SIGKILLed, PostgreSQL stops for less and for more than the heartbeat
-grace period, and the MLflow server is killed and restarted.
+grace period, the MLflow server is killed and restarted, and a worker's link is cut for
+longer than the grace period.
 
 After each: the study has exactly its target of finished trials; every COMPLETE trial has
 exactly one FINISHED MLflow run with its model; no run is left RUNNING; a trial failed as
