@@ -63,7 +63,7 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     from mnist_opt.tracking import runs as tracking  # MLflow is heavy; only needed once a trial died
 
     reason = trial.user_attrs.get("fail_reason", f"{STALE}: worker stopped sending heartbeats")
-    if reason.startswith(_NO_HEARTBEAT):  # a dead owner on this host: fail_stale's caller says so
+    if reason.startswith(_NO_HEARTBEAT):  # (search.slots.fail_stale reports a dead owner)
         print(f"trial {trial.number} failed as {reason}: its MLflow run closed, its parameters "
               "queued again", flush=True)
     tracking.close_run(trial.user_attrs.get("mlflow_run_id"), "KILLED",
@@ -215,7 +215,10 @@ def _retried(method):
 
 
 # Every backend call of Optuna's cached storage (optuna/storages/_cached_storage.py), so that
-# a lost connection is retried whichever call meets it; our own overrides included.
+# a lost connection is retried whichever call meets it; our own overrides included. A write
+# whose connection is lost after the server committed it is applied again (a trial created
+# twice, or UpdateFinishedTrialError when it finished a trial): possible, but only when the
+# connection dies in that instant.
 for _name in ("_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials",
               "_set_trial_param", "create_new_study", "delete_study", "get_all_studies",
               "get_study_directions", "get_study_id_from_name", "get_study_name_from_id",
@@ -365,8 +368,6 @@ class StudyLock:
             fcntl.flock(handle, fcntl.LOCK_EX)
             self._held = handle
         elif self.url.startswith(("postgresql", "mysql")):
-            import sqlalchemy
-
             self._held = retrying(self._server_lock, _retry_seconds())
         else:
             self._held = True
