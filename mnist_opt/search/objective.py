@@ -2,6 +2,7 @@
 that runs one process's share of a study's trials."""
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -225,15 +226,78 @@ def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
                        None if timeout is None else time.monotonic() + timeout, host_claim)
     if not slots.claim():
         return
+    objective = make_objective(cfg, split, parent, verbose, freeze)
+    lost, left = _LostTrials(), n_trials
+
+    def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal left
+        left -= 1
+
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    optuna_log.addFilter(lost)
     try:
-        study.optimize(
-            slots.gated(make_objective(cfg, split, parent, verbose, freeze)), n_trials=n_trials,
-            timeout=timeout, catch=(Exception,), gc_after_trial=False,
-            callbacks=[stop_at_target(cfg.search.n_trials),
-                       stop_on_failures(cfg.search.max_consecutive_failures, started(parent)),
-                       stop_at_epoch_budget(cfg),
-                       tracking.log_best_so_far(parent.info.run_id, cfg.search.pick_tolerance),
-                       lambda study, trial: interrupt.check(), *callbacks,
-                       slots.claim_next(n_trials)])  # last: the lock is held until the next ask
+        while True:
+            try:
+                study.optimize(
+                    lost.watch(slots.gated(objective)), n_trials=left, timeout=timeout,
+                    catch=(Exception,), gc_after_trial=False,
+                    callbacks=[count, stop_at_target(cfg.search.n_trials),
+                               stop_on_failures(cfg.search.max_consecutive_failures,
+                                                started(parent)),
+                               stop_at_epoch_budget(cfg),
+                               tracking.log_best_so_far(parent.info.run_id,
+                                                        cfg.search.pick_tolerance),
+                               lambda study, trial: interrupt.check(), *callbacks,
+                               slots.claim_next(left)])  # last: the lock is held until the next ask
+                return
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial": ours, failed under us?
+                if lost.told():
+                    raise
+            print(lost.line(), flush=True)
+            if left <= 0 or not slots.claim():  # the lost trial does not count as one of ours
+                return
     finally:
+        optuna_log.removeFilter(lost)
         slots.release()  # the loop ended (timeout, stop, Ctrl-C) after a claim
+
+
+class _LostTrials(logging.Filter):
+    """This worker's trials that another worker failed as stale while it ran them
+    (:class:`~mnist_opt.tracking.runs.TrialLost`: a long database outage, a cut link).
+
+    Optuna cannot tell such a trial: it logs the objective's error with its traceback and
+    raises out of ``study.optimize``. As a logging filter this keeps Optuna's lines about a
+    lost trial out of the log; :func:`optimize` says it in one line and goes on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[tracking.TrialLost] = []
+        self._reported = 0
+
+    def watch(self, objective: Callable[[optuna.Trial], object]) -> Callable[[optuna.Trial], object]:
+        def run(trial: optuna.Trial) -> object:
+            try:
+                return objective(trial)
+            except tracking.TrialLost as exc:
+                self.errors.append(exc)
+                raise
+            except optuna.exceptions.UpdateFinishedTrialError:  # before its MLflow run opened
+                exc = tracking.TrialLost(trial.number)
+                self.errors.append(exc)
+                raise exc from None
+
+        return run
+
+    def told(self) -> bool:
+        """True when every lost trial was reported (so an error is not about one)."""
+        return self._reported == len(self.errors)
+
+    def line(self) -> str:
+        """The report of the lost trials not reported yet."""
+        new, self._reported = self.errors[self._reported:], len(self.errors)
+        return "\n".join(map(str, new))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {exc.number} failed") for exc in self.errors)

@@ -86,7 +86,10 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
     opened = make_storage(url)  # a bad storage URL: refused before MLflow is touched
     experiment = tracking.open_experiment(cfg.name, outer=True)  # compare's, under compare
     study, mixed = open_study(cfg, opened, mix, argument)
-    fail_stale(study)
+    fail_stale(study, url)
+    # runs a killed process of this host left RUNNING, also when nothing is left to run:
+    # the host of a worker killed near the end comes back to a study that is done
+    tracking.close_orphans(study, experiment)
     done = n_finished(study)
     remaining = cfg.search.n_trials - done
     if remaining <= 0:
@@ -103,7 +106,6 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
         return study
     if study.user_attrs.get(PROMOTED_BEST) is not None:  # new trials: ranked again at the end
         study.set_user_attr(PROMOTED_BEST, None)
-    tracking.close_orphans(study, experiment)
     if done:
         print(f"continuing study {cfg.name}: {done} finished trials in storage, {remaining} to go",
               flush=True)
@@ -136,7 +138,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, verbose: bool = True
             check_failures(study, limit, since)
         finally:
             bar.close()
-            fail_stale(study)  # a worker killed -9 under us: its trial is failed now
+            fail_stale(study, url)  # a worker killed -9 under us: its trial is failed now
             result = summary(study, cfg.search.pick_tolerance)
             mlflow.log_metric("wall_s", time.monotonic() - start)
             for key in ("complete", "pruned", "fail", "copied"):  # copied: by a warm start

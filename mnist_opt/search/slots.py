@@ -42,10 +42,17 @@ def taken(study: optuna.Study) -> tuple[int, int]:
     return sum(t.state != RUNNING and not copied(t) for t in trials), running
 
 
-def fail_stale(study: optuna.Study) -> None:
+def fail_stale(study: optuna.Study, url: str | None = None) -> None:
     """Fail the trials whose process died, each closed in MLflow and re-queued: on this host
     at once (its recorded owner is gone), elsewhere once its heartbeat is older than the grace
-    period."""
+    period. With the storage's ``url``: under the study's lock (see :meth:`TrialSlots.claim`)."""
+    if url is not None:
+        lock = StudyLock(url, study.study_name)
+        lock.acquire()
+        try:
+            return fail_stale(study)
+        finally:
+            lock.release()
     with warnings.catch_warnings():  # experimental since 2.9, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -77,8 +84,11 @@ class TrialSlots:
             return False
         while True:
             interrupt.check()
-            fail_stale(self.study)
             self.lock.acquire()
+            # under the lock: a trial failed as stale frees a slot only once its copy is
+            # queued, else another worker takes the slot with a new trial in between and the
+            # copy is left WAITING (tests/test_multihost_faults.py, link cut: 2 runs in 3)
+            fail_stale(self.study)
             finished, running = taken(self.study)
             if finished + running < self.target:
                 return True

@@ -12,6 +12,7 @@ import importlib.metadata
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Iterator
@@ -30,6 +31,7 @@ from mnist_opt.tracking.serving import CHAMPION
 from mnist_opt.tracking.urls import DEFAULT_DIR, sqlite_init_lock, sqlite_path, tracking_uri
 
 INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
+
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
                     *([f"jax=={importlib.metadata.version('jax')}",
@@ -41,6 +43,18 @@ PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__
 # `mlflow.parentRunId`, and the trial runs nest under the study run as always. Unset (the
 # normal case): a top-level run in the experiment named after the study.
 PARENT_RUN_ENV = "MNIST_OPT_PARENT_RUN"
+
+
+class TrialLost(Exception):
+    """This worker's trial was finished by another: failed as stale (its heartbeats stopped
+    reaching the storage: a long database outage, a cut link) and its parameters queued
+    again. Whatever this worker measured is dropped; the copy runs again as a new trial."""
+
+    def __init__(self, number: int):
+        super().__init__(f"trial {number} was failed as stale by another worker while this one "
+                         "could not reach the storage: its result is dropped, its parameters "
+                         "run again as a new trial")
+        self.number = number
 
 
 def configure() -> str:
@@ -55,7 +69,38 @@ def configure() -> str:
     mlflow.set_tracking_uri(uri)
     # "Creating initial MLflow database tables..." on every new store tells a user nothing
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    connections = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryNotice) for h in connections.handlers):
+        connections.addHandler(_RetryNotice())
     return uri
+
+
+class _RetryNotice(logging.Handler):
+    """One line when MLflow's client starts retrying a tracking server that does not answer.
+
+    MLflow retries each request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, with
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, default 2: about 4 minutes; each attempt waits up
+    to ``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s), and urllib3 notes each retry to a logger no
+    one shows. Say it once per ``QUIET_S``, not once per retry, and with no traceback."""
+
+    QUIET_S = 300.0
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._last = -self.QUIET_S
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("Retrying") or \
+                time.monotonic() - self._last < self.QUIET_S:
+            return
+        self._last = time.monotonic()
+        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES as retries
+
+        err = record.args[1] if isinstance(record.args, tuple) and len(record.args) > 1 else ""
+        print(f"MLflow tracking server not answering ({type(err).__name__}): its client retries "
+              f"each request up to {retries.get()} times with back-off "
+              "(MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)",
+              file=sys.stderr, flush=True)
 
 
 def open_experiment(name: str, outer: bool = False) -> str:
@@ -205,7 +250,15 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
     try:
         mlflow.log_params(params)
         yield run
+        # a write that fails when another worker failed the trial meanwhile: then the run
+        # must not end FINISHED for a trial that Optuna counts as failed
+        trial.set_user_attr("duration_s", round(time.monotonic() - start, 3))
         state, status = "complete", "FINISHED"
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # the stale check closed the run KILLED already, unless it could not reach MLflow
+        status = "KILLED"
+        mlflow.set_tag("fail_reason", "stale: failed by another worker (no heartbeat)")
+        raise TrialLost(trial.number) from None
     except optuna.TrialPruned as exc:
         state, status = "pruned", "KILLED"
         mlflow.set_tag("prune_reason", str(exc) or "pruner")

@@ -7,6 +7,13 @@ host there is no need to wait for the grace period: each trial records its owner
 and :func:`fail_dead_owners` fails a RUNNING trial whose owner is gone at once, the same way.
 Either way the trial's ``fail_reason`` starts with ``stale``, so a dead worker is not
 counted as a trial that failed (``search.max_consecutive_failures``).
+
+A database server that restarts, or a link that drops for a while, is ridden out: every
+storage call that loses its connection is retried with bounded back-off for up to
+``MNIST_OPT_DB_RETRY`` seconds (default 120), reported in two lines per outage (lost, back),
+and the heartbeat thread outlives an outage longer than that. Pooled connections are
+checked before use (SQLAlchemy's ``pool_pre_ping``), and PostgreSQL connections time out
+(``connect_timeout``, ``tcp_user_timeout``) instead of hanging on a dead link for minutes.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import fcntl
 import hashlib
 import os
 import socket
+import sys
+import threading
 import time
 import warnings
 
@@ -27,6 +36,7 @@ from mnist_opt.tracking.urls import sqlite_init_lock, sqlite_path
 
 MAX_RETRY = 2  # a trial that keeps killing its worker is not retried forever
 STALE = "stale"  # how a stale trial's fail_reason starts
+_NO_HEARTBEAT = f"{STALE}: no heartbeat"
 OWNER = ("host", "pid", "pid_started")  # user attrs: who runs the trial
 # What a re-queued trial must not inherit from the dead one: its owner would look dead at
 # once, and its failure would stick to a trial that then completes.
@@ -53,6 +63,9 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     from mnist_opt.tracking import runs as tracking  # MLflow is heavy; only needed once a trial died
 
     reason = trial.user_attrs.get("fail_reason", f"{STALE}: worker stopped sending heartbeats")
+    if reason.startswith(_NO_HEARTBEAT):  # (search.slots.fail_stale reports a dead owner)
+        print(f"trial {trial.number} failed as {reason}: its MLflow run closed, its parameters "
+              "queued again", flush=True)
     tracking.close_run(trial.user_attrs.get("mlflow_run_id"), "KILLED",
                        {"state": "failed", "fail_reason": reason})
     with warnings.catch_warnings():  # experimental since 2.8, and what we need
@@ -84,8 +97,10 @@ class _Storage(optuna.storages.RDBStorage):
     private method of the pinned Optuna; tests/test_resume.py checks the mark.)
     """
 
+    retry_seconds = 0.0  # make_storage sets it for database servers (not SQLite files)
+
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        reason = f"{STALE}: no heartbeat for {self.grace_period} s (worker killed or hung)"
+        reason = f"{_NO_HEARTBEAT} for {self.grace_period} s (worker killed, hung or cut off)"
         return [i for i in super()._get_stale_trial_ids(study_id) if _mark_stale(self, i, reason)]
 
     # A trial records its owner the moment it becomes RUNNING in this process — created by
@@ -110,6 +125,109 @@ class _Storage(optuna.storages.RDBStorage):
         for key, value in owner.items():
             self.set_trial_user_attr(trial_id, key, value)
         return owner
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Optuna's heartbeat thread dies on the first error it meets, and its trial then
+        looks dead to every worker: an outage longer than the retries skips beats instead
+        (the outage is already reported)."""
+        try:
+            retrying(super().record_heartbeat, self.retry_seconds, trial_id)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            if not lost_connection(exc):
+                raise
+
+
+def lost_connection(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception that caused it, says the database could not be reached
+    (server down or restarting, link cut): SQLAlchemy's ``OperationalError`` /
+    ``InterfaceError``, also inside Optuna's ``StorageInternalError``."""
+    import sqlalchemy.exc
+
+    for _ in range(10):  # a chain, not a cycle
+        if exc is None:
+            return False
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
+                getattr(exc, "connection_invalidated", False):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _Outage:
+    """The database outage this process is in, if any: reported once when a call first
+    fails and once when one succeeds again, however many threads and calls meet it."""
+
+    def __init__(self) -> None:
+        self._lock, self.since = threading.Lock(), None
+
+    def failed(self, exc: BaseException, limit: float) -> None:
+        with self._lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                cause = exc.__cause__ or exc
+                print(f"database unreachable ({type(cause).__name__}: "
+                      f"{str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ''}): "
+                      f"retrying for up to {limit:g} s", file=sys.stderr, flush=True)
+
+    def back(self) -> None:
+        if self.since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self.since is not None:
+                print(f"database reachable again after {time.monotonic() - self.since:.0f} s",
+                      file=sys.stderr, flush=True)
+                self.since = None
+
+
+_OUTAGE = _Outage()
+
+
+def retrying(call, limit: float, *args, **kwargs):
+    """``call(*args, **kwargs)``, again after 0.5, 1, 2, 4, 5, 5, … s while it fails for a lost
+    connection (:func:`lost_connection`), for up to ``limit`` s; then its error."""
+    deadline, delay = None, 0.5
+    while True:
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost connection
+            if limit <= 0 or not lost_connection(exc):
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + limit
+            if now >= deadline:
+                print(f"database still unreachable after {limit:g} s: giving up",
+                      file=sys.stderr, flush=True)
+                raise
+            _OUTAGE.failed(exc, limit)
+            time.sleep(min(delay, deadline - now))
+            delay = min(2 * delay, 5.0)
+            continue
+        _OUTAGE.back()
+        return result
+
+
+def _retried(method):
+    def call(self, *args, **kwargs):
+        return retrying(method, self.retry_seconds, self, *args, **kwargs)
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+# Every backend call of Optuna's cached storage (optuna/storages/_cached_storage.py), so that
+# a lost connection is retried whichever call meets it; our own overrides included. A write
+# whose connection is lost after the server committed it is applied again (a trial created
+# twice, or UpdateFinishedTrialError when it finished a trial): possible, but only when the
+# connection dies in that instant.
+for _name in ("_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials",
+              "_set_trial_param", "create_new_study", "delete_study", "get_all_studies",
+              "get_study_directions", "get_study_id_from_name", "get_study_name_from_id",
+              "get_study_system_attrs", "get_study_user_attrs", "get_trial",
+              "get_trial_id_from_study_id_trial_number",
+              "set_study_system_attr", "set_study_user_attr", "set_trial_intermediate_value",
+              "set_trial_state_values", "set_trial_system_attr", "set_trial_user_attr",
+              "get_all_trials", "get_n_trials", "get_trial_params", "get_trial_user_attrs"):
+    setattr(_Storage, _name, _retried(getattr(_Storage, _name)))
 
 
 def owner_attrs(pid: int | None = None) -> dict:
@@ -171,16 +289,19 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
                            "postgresql://user:password@host/db or mysql://…")
     interval, grace = _heartbeat()
     # SQLite: wait for a lock instead of failing at once when several workers write.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else _server_engine(url)
     for attempt in range(_OPEN_ATTEMPTS):
         try:
             if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
                 path.parent.mkdir(parents=True, exist_ok=True)
             with sqlite_init_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return _Storage(
+                storage = _Storage(
                     url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
                     heartbeat_stale_trial_callback=_on_stale_trial)
+            if not url.startswith("sqlite:"):  # a file does not go away; a server may
+                storage.retry_seconds = _retry_seconds()
+            return storage
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
             if attempt + 1 < _OPEN_ATTEMPTS and _lost_creation_race(exc):
                 time.sleep(0.5 * (attempt + 1))
@@ -188,6 +309,25 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0]}") from exc
     raise AssertionError("unreachable")
+
+
+def _retry_seconds() -> float:
+    """How long a storage call retries a lost connection (``MNIST_OPT_DB_RETRY``, s)."""
+    return float(os.environ.get("MNIST_OPT_DB_RETRY", "120"))
+
+
+def _server_engine(url: str) -> dict:
+    """SQLAlchemy engine options for a database server: test a pooled connection before
+    using it (after a restart every pooled one is dead); PostgreSQL: give up connecting after
+    10 s and on a connection whose data stays unacknowledged for 20 s (a cut link), where
+    the kernel's defaults wait 2 and 15 minutes. Options given in the URL win."""
+    engine: dict = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        given = url.partition("?")[2]
+        engine["connect_args"] = {key: value for key, value in
+                                  {"connect_timeout": 10, "tcp_user_timeout": 20000}.items()
+                                  if f"{key}=" not in given}
+    return engine
 
 
 # Workers on several machines that open a fresh database server's storage at once race on
@@ -228,17 +368,27 @@ class StudyLock:
             fcntl.flock(handle, fcntl.LOCK_EX)
             self._held = handle
         elif self.url.startswith(("postgresql", "mysql")):
-            import sqlalchemy
+            self._held = retrying(self._server_lock, _retry_seconds())
+        else:
+            self._held = True
 
-            engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+    def _server_lock(self):
+        """A new connection that holds the lock (a lost one is retried whole, by
+        :meth:`acquire`: the server dropped the lock with it)."""
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args=_server_engine(self.url).get("connect_args", {}))
+        try:
             conn = engine.connect()
             sql = ("SELECT pg_advisory_lock(:key)" if self.url.startswith("postgresql")
                    else "SELECT GET_LOCK(:key, -1)")
             conn.execute(sqlalchemy.text(sql), {"key": self._key})
             conn.commit()  # a session lock: it outlives the transaction that took it
-            self._held = conn
-        else:
-            self._held = True
+        except BaseException:
+            engine.dispose()
+            raise
+        return conn
 
     def release(self) -> None:
         """Idempotent: releasing a lock not held does nothing."""
