@@ -422,6 +422,18 @@ def _pg_bin() -> Path:
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"  # the recipe the bench runs
 
 
+def recipe_env(db_host: str, mlflow_password: str) -> dict[str, str]:
+    """``deploy/worker.env``, the variables the README tells every worker to set, with the
+    database host's address for ``dbhost`` and the MLflow user's password filled in."""
+    found = {}
+    for line in (DEPLOY / "worker.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            found[key] = value.replace("dbhost", db_host)
+    found["MLFLOW_TRACKING_PASSWORD"] = mlflow_password
+    return found
+
+
 class Postgres:
     """A throw-away PostgreSQL server on ``host``, set up as the README's many-machine recipe
     sets one up (``deploy/postgres.sql``): role ``mnist_opt`` with ``password`` owns the

@@ -28,8 +28,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from hosts import BASE_PATH, DEPLOY, Bench, MlflowServer, Postgres, leftovers, namespaces_work
-from hosts import tail
+from hosts import BASE_PATH, Bench, MlflowServer, Postgres, leftovers, namespaces_work
+from hosts import recipe_env, tail
 from hosts import clean_leftovers, stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,17 +60,6 @@ def _mnist_opt_env(**stores: str) -> dict[str, str]:
     return {"PATH": f"{Path(sys.executable).parent}:{BASE_PATH}", "PYTHONPATH": str(ROOT),
             "MNIST_OPT_DATA": os.environ["MNIST_OPT_DATA"], "TF_CPP_MIN_LOG_LEVEL": "2", **stores}
 
-
-def _recipe_env(db_host: str) -> dict[str, str]:
-    """``deploy/worker.env``, the variables the README tells every worker to set, with the
-    database host's address for ``dbhost`` and the MLflow user's password filled in."""
-    found = {}
-    for line in (DEPLOY / "worker.env").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            found[key] = value.replace("dbhost", db_host)
-    found["MLFLOW_TRACKING_PASSWORD"] = MLFLOW_PASSWORD
-    return found
 
 
 def _status(credentials: str | None, url: str) -> int:
@@ -128,7 +117,7 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
         db = bench.host("db")
         pg = Postgres(db).start()
         server = MlflowServer(db, pg).start()
-        recipe = _recipe_env(db.addr)
+        recipe = recipe_env(db.addr, MLFLOW_PASSWORD)
         assert recipe["MLFLOW_TRACKING_URI"] == server.uri, "the bench's server is not the recipe's"
         user = recipe["MLFLOW_TRACKING_USERNAME"]
         server.add_user(user, MLFLOW_PASSWORD)

@@ -29,8 +29,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from sqlalchemy.pool import NullPool
 
-from hosts import BASE_PATH, DEPLOY, Bench, MlflowServer, Postgres, namespaces_work, stop_group
-from hosts import tail
+from hosts import BASE_PATH, Bench, MlflowServer, Postgres, namespaces_work, stop_group
+from hosts import recipe_env, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 TS = optuna.trial.TrialState
@@ -53,16 +53,6 @@ def _study_doc(n_trials: int) -> str:
         "space": {"n_layers": 1, "units": {"low": 16, "high": 32}}})
 
 
-def _recipe_env(db_host: str) -> dict[str, str]:
-    """deploy/worker.env with the database host's address and the MLflow user's password."""
-    found = {}
-    for line in (DEPLOY / "worker.env").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            found[key] = value.replace("dbhost", db_host)
-    found["MLFLOW_TRACKING_PASSWORD"] = MLFLOW_PASSWORD
-    return found
-
 
 class Stack:
     """The shared bench: ``db`` (PostgreSQL ``pg``, MLflow ``server``), the worker hosts."""
@@ -72,7 +62,7 @@ class Stack:
         self.db = bench.host("db")
         self.pg = Postgres(self.db).start()
         self.server = MlflowServer(self.db, self.pg).start()
-        self.recipe = _recipe_env(self.db.addr)
+        self.recipe = recipe_env(self.db.addr, MLFLOW_PASSWORD)
         self.server.add_user(self.recipe["MLFLOW_TRACKING_USERNAME"], MLFLOW_PASSWORD)
         self.workers = [bench.host(name) for name in WORKERS]
         for w in self.workers:
