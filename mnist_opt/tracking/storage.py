@@ -290,7 +290,8 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     interval, grace = _heartbeat()
     # SQLite: wait for a lock instead of failing at once when several workers write.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else _server_engine(url)
-    for attempt in range(_OPEN_ATTEMPTS):
+    attempt, deadline, delay = 0, time.monotonic() + _retry_seconds(), 0.5
+    while True:
         try:
             if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,14 +302,22 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
                     heartbeat_stale_trial_callback=_on_stale_trial)
             if not url.startswith("sqlite:"):  # a file does not go away; a server may
                 storage.retry_seconds = _retry_seconds()
+            _OUTAGE.back()
             return storage
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
-            if attempt + 1 < _OPEN_ATTEMPTS and _lost_creation_race(exc):
-                time.sleep(0.5 * (attempt + 1))
+            attempt += 1
+            if attempt < _OPEN_ATTEMPTS and _lost_creation_race(exc):
+                time.sleep(0.5 * attempt)
+                continue
+            # a full server is a wait (as a lost connection is for calls); a server that does
+            # not answer at all is more likely a wrong URL: that fails at once
+            if _no_free_slot(exc) and time.monotonic() < deadline:
+                _OUTAGE.failed(exc, _retry_seconds())
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
                 continue
             raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0]}") from exc
-    raise AssertionError("unreachable")
 
 
 def _retry_seconds() -> float:
@@ -335,6 +344,21 @@ def _server_engine(url: str) -> dict:
 # a duplicate key), and no file lock spans machines. The loser finds the tables made when it
 # opens the storage again.
 _OPEN_ATTEMPTS = 4
+
+
+def _no_free_slot(exc: BaseException | None) -> bool:
+    """Whether the database server refused a connection because every one it allows is taken
+    (PostgreSQL's ``too many clients already`` or ``remaining connection slots are reserved``,
+    SQLSTATE 53300; MySQL's ``Too many connections``): many workers starting at once."""
+    for _ in range(10):  # a chain, not a cycle
+        if exc is None:
+            return False
+        text = str(exc).lower()
+        if getattr(exc, "sqlstate", None) == "53300" or "too many clients" in text or \
+                "remaining connection slots" in text or "too many connections" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _lost_creation_race(exc: Exception) -> bool:
