@@ -76,6 +76,7 @@ CALLS = ("gate", "ask", "suggest", "report", "set_user_attr", "tell",
          "mlflow.create_run", "mlflow.log_params", "mlflow.log_metric", "mlflow.log_artifact",
          "mlflow.end_run")
 MLFLOW_CALLS = CALLS[6:]
+SUPERUSER_RESERVED = 3  # PostgreSQL's default: connections only superusers get
 COORDINATION_SHARE = 0.10  # "feeds" a worker while coordination is at most this share of its time
 
 
@@ -428,7 +429,7 @@ def run(args: argparse.Namespace) -> dict:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from hosts import Bench, MlflowServer, Postgres
+    from hosts import SERVER_SETTINGS, Bench, MlflowServer, Postgres
     from mnist_opt.reporting.machine import code_version, describe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -486,6 +487,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": describe(()).rstrip("; "), "code": code_version(), "versions": versions,
             "postgresql": server_version, "mlflow_server_workers": args.mlflow_workers,
+            "max_connections": SERVER_SETTINGS["max_connections"],
             "worker_hosts": args.hosts, "steps": STEPS, "trials_per_worker": args.trials_per_worker,
             "max_trials": args.max_trials, "warm_up_trials": args.warm_up,
             "command": f"python bench/scale.py {shlex.join(args.argv)}".strip(),
@@ -600,6 +602,30 @@ def tables(out: dict) -> str:
         "times):\n\n" + "\n".join(calls)
 
 
+def connections(out: dict) -> str:
+    """Database connections per worker at each N, and whether the server was full."""
+    most = out.get("max_connections", 100)  # runs before it was recorded: the default
+    usable = most - SUPERUSER_RESERVED - 1  # 1: the bench's own poll
+    per, full = [], []
+    for r in out["results"]:
+        peak = r["peak_db_connections"]
+        per.append(f"{r['storage']} N = {r['n']}: {peak['workers'] / r['n']:.1f}")
+        refused = any(word in e for e in r.get("error_samples", ())
+                      for word in ("connection slots", "too many clients"))
+        if peak["total"] >= usable or refused:  # samples every 0.25 s may miss the peak
+            full.append(f"{r['storage']} N = {r['n']}")
+    state = (f"full at {', '.join(full)}: workers waited there for a free connection (opening "
+             "the storage and every call retry PostgreSQL's refusal for up to "
+             "`MNIST_OPT_DB_RETRY`, README \"Many machines\"), and those whose wait ran out "
+             "are the errors above" if full else "never full")
+    return (f"- Database connections per worker (the workers' peak ÷ N): {'; '.join(per)}. A "
+            "worker keeps its storage's pooled connections (its own and its heartbeat "
+            "thread's) and takes one more while it waits for or holds the study's lock; the "
+            "tracking server up to 15 per process (SQLAlchemy's pool). With them, "
+            f"`max_connections` = {most} ({most - SUPERUSER_RESERVED} for other roles than "
+            f"superusers; PostgreSQL's default is 100, the recipe sets 300) was {state}.")
+
+
 def conclusions(out: dict) -> str:
     t = out["trial_time"]
     by = {}
@@ -611,7 +637,7 @@ def conclusions(out: dict) -> str:
         best = max(r["trials_per_s"] for r in rows)
         most = max(r["peak_db_connections"]["total"] for r in rows)
         parts.append(f"- {label}: {saturation(rows)}; peak {best:.1f} trials/s; at most {most} "
-                     "database connections of PostgreSQL's default `max_connections` = 100; "
+                     f"database connections of `max_connections` = {out.get('max_connections', 100)}; "
                      f"{sum(r['errors'] for r in rows)} errors.")
     targets = []
     for storage, rows in by.items():
@@ -645,6 +671,7 @@ def conclusions(out: dict) -> str:
         f"- For trials of other lengths, the shortest trial that keeps coordination within "
         f"{COORDINATION_SHARE:.0%}, and the workers the servers then feed, at each load measured: "
         f"{'; '.join(min_trial_times(out))}.",
+        connections(out),
         "- A **lower bound**: the N client processes, PostgreSQL, the tracking server (and the "
         "proxy) all ran on this machine's cores, so past a few workers this measures the "
         "machine as much as the servers. Real training here is bounded at **2 workers** by the "

@@ -434,6 +434,16 @@ def recipe_env(db_host: str, mlflow_password: str) -> dict[str, str]:
     return found
 
 
+# The recipe's postgresql.conf lines (README "Many machines", deploy/compose.yaml). Keepalives:
+# a worker whose link died is noticed within 25 s, not the kernel's 2 hours, and its
+# connection's locks (the study's lock, between two trials) go with it. max_connections: a
+# worker holds up to 3 (its storage's and its heartbeat's pooled ones, one for the study's
+# lock), the tracking server up to 15 per process; the default 100 is full before 64 workers
+# (make bench-scale).
+SERVER_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5,
+                   "tcp_keepalives_count": 3, "max_connections": 300}
+
+
 class Postgres:
     """A throw-away PostgreSQL server on ``host``, set up as the README's many-machine recipe
     sets one up (``deploy/postgres.sql``): role ``mnist_opt`` with ``password`` owns the
@@ -486,7 +496,8 @@ class Postgres:
                           f"{self.host.bench.subnet} scram-sha-256\n")
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
                  "-t", str(int(timeout)), "start", "-o",
-                 f"-h {self.host.addr},localhost -p {self.port} -k {self.data} -F",
+                 f"-h {self.host.addr},localhost -p {self.port} -k {self.data} -F "
+                 + " ".join(f"-c {k}={v}" for k, v in SERVER_SETTINGS.items()),
                  timeout=timeout + 10)
         if not self._initialised:
             sql = DEPLOY / "postgres.sql"  # read as root: the postgres user need not see it
