@@ -602,9 +602,14 @@ def tables(out: dict) -> str:
         "times):\n\n" + "\n".join(calls)
 
 
+def _max_connections(out: dict) -> int:
+    """The server's ``max_connections`` in a run (runs before it was recorded: the default)."""
+    return out.get("max_connections", 100)
+
+
 def connections(out: dict) -> str:
     """Database connections per worker at each N, and whether the server was full."""
-    most = out.get("max_connections", 100)  # runs before it was recorded: the default
+    most = _max_connections(out)
     usable = most - SUPERUSER_RESERVED - 1  # 1: the bench's own poll
     per, full = [], []
     for r in out["results"]:
@@ -637,7 +642,7 @@ def conclusions(out: dict) -> str:
         best = max(r["trials_per_s"] for r in rows)
         most = max(r["peak_db_connections"]["total"] for r in rows)
         parts.append(f"- {label}: {saturation(rows)}; peak {best:.1f} trials/s; at most {most} "
-                     f"database connections of `max_connections` = {out.get('max_connections', 100)}; "
+                     f"database connections of `max_connections` = {_max_connections(out)}; "
                      f"{sum(r['errors'] for r in rows)} errors.")
     targets = []
     for storage, rows in by.items():

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Callable, Iterator
 
 import optuna
 import psutil
@@ -137,20 +138,23 @@ class _Storage(optuna.storages.RDBStorage):
                 raise
 
 
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions that caused it (at most 10: a chain, not a cycle)."""
+    for _ in range(10):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def lost_connection(exc: BaseException | None) -> bool:
     """Whether ``exc``, or an exception that caused it, says the database could not be reached
     (server down or restarting, link cut): SQLAlchemy's ``OperationalError`` /
     ``InterfaceError``, also inside Optuna's ``StorageInternalError``."""
     import sqlalchemy.exc
 
-    for _ in range(10):  # a chain, not a cycle
-        if exc is None:
-            return False
-        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
-                getattr(exc, "connection_invalidated", False):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+               or getattr(e, "connection_invalidated", False) for e in _causes(exc))
 
 
 class _Outage:
@@ -182,15 +186,16 @@ class _Outage:
 _OUTAGE = _Outage()
 
 
-def retrying(call, limit: float, *args, **kwargs):
+def retrying(call, limit: float, *args, when: Callable[[BaseException], bool] = lost_connection,
+             **kwargs):
     """``call(*args, **kwargs)``, again after 0.5, 1, 2, 4, 5, 5, … s while it fails for a lost
-    connection (:func:`lost_connection`), for up to ``limit`` s; then its error."""
+    connection (or as ``when`` says), for up to ``limit`` s; then its error."""
     deadline, delay = None, 0.5
     while True:
         try:
             result = call(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost connection
-            if limit <= 0 or not lost_connection(exc):
+            if limit <= 0 or not when(exc):
                 raise
             now = time.monotonic()
             deadline = deadline or now + limit
@@ -290,34 +295,30 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     interval, grace = _heartbeat()
     # SQLite: wait for a lock instead of failing at once when several workers write.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else _server_engine(url)
-    attempt, deadline, delay = 0, time.monotonic() + _retry_seconds(), 0.5
-    while True:
+
+    def open_() -> _Storage:
+        if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite_init_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return _Storage(url, engine_kwargs=engine, heartbeat_interval=interval,
+                            grace_period=grace, heartbeat_stale_trial_callback=_on_stale_trial)
+
+    for attempt in range(_OPEN_ATTEMPTS):
         try:
-            if (path := sqlite_path(url)) is not None:  # as MLflow does for its SQLite store
-                path.parent.mkdir(parents=True, exist_ok=True)
-            with sqlite_init_lock(url), warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                storage = _Storage(
-                    url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
-                    heartbeat_stale_trial_callback=_on_stale_trial)
-            if not url.startswith("sqlite:"):  # a file does not go away; a server may
-                storage.retry_seconds = _retry_seconds()
-            _OUTAGE.back()
-            return storage
-        except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
-            attempt += 1
-            if attempt < _OPEN_ATTEMPTS and _lost_creation_race(exc):
-                time.sleep(0.5 * attempt)
-                continue
             # a full server is a wait (as a lost connection is for calls); a server that does
             # not answer at all is more likely a wrong URL: that fails at once
-            if _no_free_slot(exc) and time.monotonic() < deadline:
-                _OUTAGE.failed(exc, _retry_seconds())
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
+            storage = retrying(open_, _retry_seconds(), when=_no_free_slot)
+            if not url.startswith("sqlite:"):  # a file does not go away; a server may
+                storage.retry_seconds = _retry_seconds()
+            return storage
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            if attempt + 1 < _OPEN_ATTEMPTS and _lost_creation_race(exc):
+                time.sleep(0.5 * (attempt + 1))
                 continue
             raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0]}") from exc
+    raise AssertionError("unreachable")
 
 
 def _retry_seconds() -> float:
@@ -350,15 +351,10 @@ def _no_free_slot(exc: BaseException | None) -> bool:
     """Whether the database server refused a connection because every one it allows is taken
     (PostgreSQL's ``too many clients already`` or ``remaining connection slots are reserved``,
     SQLSTATE 53300; MySQL's ``Too many connections``): many workers starting at once."""
-    for _ in range(10):  # a chain, not a cycle
-        if exc is None:
-            return False
-        text = str(exc).lower()
-        if getattr(exc, "sqlstate", None) == "53300" or "too many clients" in text or \
-                "remaining connection slots" in text or "too many connections" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(getattr(e, "sqlstate", None) == "53300" or
+               any(words in str(e).lower() for words in
+                   ("too many clients", "remaining connection slots", "too many connections"))
+               for e in _causes(exc))
 
 
 def _lost_creation_race(exc: Exception) -> bool:
