@@ -19,7 +19,9 @@ processes spread round-robin over a few worker hosts each loop as a real worker 
 * five ``suggest_*`` calls, a nested MLflow run (``create_run`` under the study's parent run,
   ``log_batch`` of the parameters), ``trial.set_user_attr("mlflow_run_id", …)``;
 * 10 steps of ``trial.report`` + ``trial.should_prune`` (median pruner: it reads the study;
-  its answer is ignored so that every trial does the same work) and ``log_metric``;
+  its answer is ignored so that every trial does the same work) and a metric queued as the
+  training callback queues its epochs' (:class:`mnist_opt.tracking.metrics.BackgroundMetrics`,
+  MLflow's async logging), all 10 waited for after the last step (``metrics_wait``);
 * a small artifact (``log_text``, 1 kB through the server's artifact proxy), ``set_terminated``,
   and the tell.
 
@@ -73,8 +75,8 @@ GRPC_PORT = 13000
 WARM_UP_TRIALS = 3
 USER, PASSWORD = "mnist_opt", "bench-scale-password"  # the workers' MLflow user
 CALLS = ("gate", "ask", "suggest", "report", "set_user_attr", "tell",
-         "mlflow.create_run", "mlflow.log_params", "mlflow.log_metric", "mlflow.log_artifact",
-         "mlflow.end_run")
+         "mlflow.create_run", "mlflow.log_params", "mlflow.log_metric", "mlflow.metrics_wait",
+         "mlflow.log_artifact", "mlflow.end_run")
 MLFLOW_CALLS = CALLS[6:]
 SUPERUSER_RESERVED = 3  # PostgreSQL's default: connections only superusers get
 COORDINATION_SHARE = 0.10  # "feeds" a worker while coordination is at most this share of its time
@@ -107,6 +109,7 @@ def worker(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from mnist_opt.search.slots import TrialSlots
+    from mnist_opt.tracking.metrics import BackgroundMetrics
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -175,11 +178,12 @@ def worker(args: argparse.Namespace) -> int:
             timed("mlflow.log_params", client.log_batch, run_id,
                   params=[Param(k, str(v)) for k, v in params.items()])
             value = random.Random(trial.number).uniform(0.8, 0.9)
+            metrics = BackgroundMetrics(run_id)  # as the training callback logs them
             for step in range(STEPS):
                 value += 0.01 * (1 - value)
                 timed("report", lambda: (trial.report(value, step), trial.should_prune()))
-                timed("mlflow.log_metric", client.log_metric, run_id, "val_accuracy", value,
-                      step=step)
+                timed("mlflow.log_metric", metrics.log, {"val_accuracy": value}, step=step)
+            timed("mlflow.metrics_wait", metrics.wait)
             timed("mlflow.log_artifact", client.log_text, run_id,
                   json.dumps({"params": params, "pad": "x" * 900}), "trial.json")
             timed("mlflow.end_run", client.set_terminated, run_id, "FINISHED")
@@ -483,7 +487,7 @@ def run(args: argparse.Namespace) -> dict:
                 results.append(one)
                 print("  " + line(one), flush=True)
     versions = {p: importlib.metadata.version(p) for p in
-                ("optuna", "mlflow", "sqlalchemy", "psycopg", "grpcio")}
+                ("optuna", "mlflow", "sqlalchemy", "psycopg", "grpcio", "uvicorn", "uvloop")}
     return {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": describe(()).rstrip("; "), "code": code_version(), "versions": versions,
             "postgresql": server_version, "mlflow_server_workers": args.mlflow_workers,
@@ -593,12 +597,13 @@ def tables(out: dict) -> str:
              "|---|---|" + "---|" * (len(MLFLOW_CALLS) + 4)]
     for r in out["results"]:
         lat = r["latency_s"]
-        cells = [f"{_ms(lat[c]['p50'])} / {_ms(lat[c]['p95'])}"
+        cells = [f"{_ms(lat[c]['p50'])} / {_ms(lat[c]['p95'])}" if c in lat else "–"
                  for c in (*MLFLOW_CALLS, "gate", "ask", "suggest", "set_user_attr")]
         calls.append(f"| {names.get(r['storage'], r['storage'])} | {r['n']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(head) + "\n\nEach call's p50 / p95 in ms (MLflow calls first; `log_metric` "\
-        f"{STEPS} times per trial, `report` = `trial.report` + `trial.should_prune`, {STEPS} " \
+        f"{STEPS} times per trial, queued for MLflow's async logging, `metrics_wait` once per " \
+        f"trial for all of them; `report` = `trial.report` + `trial.should_prune`, {STEPS} " \
         "times):\n\n" + "\n".join(calls)
 
 
@@ -695,7 +700,8 @@ def render(out: dict, path: Path, readme: bool) -> int:
     text = "\n".join([
         f"`{out['command']}`, {out['started']} to {out['finished']}, on {out['machine']}; "
         f"{out['postgresql']}; {v}; code {out['code']}. One PostgreSQL and one MLflow tracking "
-        f"server ({out['mlflow_server_workers']} server processes, basic-auth, artifacts "
+        f"server ({out['mlflow_server_workers']} server processes"
+        f"{' on uvloop' if 'uvloop' in out['versions'] else ''}, basic-auth, artifacts "
         f"proxied) on the `db` host of the namespaced bench; N simulated workers (no training) "
         f"round-robin over {out['worker_hosts']} worker hosts, each running "
         f"{out.get('trials_per_worker', '?')} trials (fewer where N × that would pass "
