@@ -19,9 +19,7 @@ processes spread round-robin over a few worker hosts each loop as a real worker 
 * five ``suggest_*`` calls, a nested MLflow run (``create_run`` under the study's parent run,
   ``log_batch`` of the parameters), ``trial.set_user_attr("mlflow_run_id", …)``;
 * 10 steps of ``trial.report`` + ``trial.should_prune`` (median pruner: it reads the study;
-  its answer is ignored so that every trial does the same work) and a metric queued as the
-  training callback queues its epochs' (:class:`mnist_opt.tracking.metrics.BackgroundMetrics`,
-  MLflow's async logging), all 10 waited for after the last step (``metrics_wait``);
+  its answer is ignored so that every trial does the same work) and ``log_metric``;
 * a small artifact (``log_text``, 1 kB through the server's artifact proxy), ``set_terminated``,
   and the tell.
 
@@ -33,6 +31,13 @@ imported and opened their stores. Per N: trials per second, p50/p95 of each call
 the per-trial coordination cost, the peak of the database connections (``pg_stat_activity``'s
 client backends every 0.25 s, by who holds them), errors, and whether the counts add up
 (asked = told = finished = the study's target, one finished MLflow run per trial).
+
+A *paced* run follows (``--paced-n``, 16 workers, 10 trials each): the same workers, but
+each trial lasts as long as a real trial of the shipped ``mlp_tpe`` here (from
+``bench/results/speedup.json``), a sleep before each report standing for an epoch's training.
+The sleep takes no core, so the servers see the load that 16 training workers on machines of
+their own would make, and the per-trial coordination (the calls only) says what a worker
+pays for it: the issue's target at 16 workers, measured rather than derived.
 
 ``--storages grpc`` puts Optuna's ``GrpcStorageProxy`` in front of the database
 (``run_grpc_proxy_server`` on the db host with Optuna's cached RDB storage): the workers talk
@@ -73,10 +78,11 @@ MAX_TRIALS = 640  # per N: fewer trials per worker where N x 20 would be more (N
 STEPS = 10  # intermediate values per trial
 GRPC_PORT = 13000
 WARM_UP_TRIALS = 3
+PACED_N, PACED_TRIALS = 16, 10  # the paced run: the target's 16 workers, with trials' length
 USER, PASSWORD = "mnist_opt", "bench-scale-password"  # the workers' MLflow user
 CALLS = ("gate", "ask", "suggest", "report", "set_user_attr", "tell",
-         "mlflow.create_run", "mlflow.log_params", "mlflow.log_metric", "mlflow.metrics_wait",
-         "mlflow.log_artifact", "mlflow.end_run")
+         "mlflow.create_run", "mlflow.log_params", "mlflow.log_metric", "mlflow.log_artifact",
+         "mlflow.end_run")
 MLFLOW_CALLS = CALLS[6:]
 SUPERUSER_RESERVED = 3  # PostgreSQL's default: connections only superusers get
 COORDINATION_SHARE = 0.10  # "feeds" a worker while coordination is at most this share of its time
@@ -109,7 +115,6 @@ def worker(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from mnist_opt.search.slots import TrialSlots
-    from mnist_opt.tracking.metrics import BackgroundMetrics
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -178,12 +183,12 @@ def worker(args: argparse.Namespace) -> int:
             timed("mlflow.log_params", client.log_batch, run_id,
                   params=[Param(k, str(v)) for k, v in params.items()])
             value = random.Random(trial.number).uniform(0.8, 0.9)
-            metrics = BackgroundMetrics(run_id)  # as the training callback logs them
             for step in range(STEPS):
+                time.sleep(args.pace / STEPS)  # a paced run: an epoch's training, on no core
                 value += 0.01 * (1 - value)
                 timed("report", lambda: (trial.report(value, step), trial.should_prune()))
-                timed("mlflow.log_metric", metrics.log, {"val_accuracy": value}, step=step)
-            timed("mlflow.metrics_wait", metrics.wait)
+                timed("mlflow.log_metric", client.log_metric, run_id, "val_accuracy", value,
+                      step=step)
             timed("mlflow.log_artifact", client.log_text, run_id,
                   json.dumps({"params": params, "pad": "x" * 900}), "trial.json")
             timed("mlflow.end_run", client.set_terminated, run_id, "FINISHED")
@@ -307,8 +312,9 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def run_one(pg, server, hosts, storage: str, n: int, trials: int, timeout: float,
-            proxy: str | None) -> dict:
-    """N workers on one fresh study; their figures, summed up and checked."""
+            proxy: str | None, pace: float = 0.0) -> dict:
+    """N workers on one fresh study; their figures, summed up and checked. ``pace``: each
+    trial sleeps that long in all (its epochs' training, taking no core)."""
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -335,7 +341,7 @@ def run_one(pg, server, hosts, storage: str, n: int, trials: int, timeout: float
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--db-url", url,
                    "--study", name, "--index", str(i), "--trials", str(trials),
                    "--target", str(n * trials), "--experiment", exp, "--parent-run", parent,
-                   "--go", str(host.home / f"{name}.go"), "--out", str(out),
+                   "--go", str(host.home / f"{name}.go"), "--out", str(out), "--pace", str(pace),
                    *(["--grpc", proxy] if proxy else [])]
             procs.append(host.popen(cmd, env=env, log=f"worker{i}"))
         end = time.monotonic() + timeout
@@ -364,8 +370,9 @@ def run_one(pg, server, hosts, storage: str, n: int, trials: int, timeout: float
                for i, o in enumerate(outs)]
     opened = make_storage(url)
     try:
-        return summarise(storage, n, trials, go, reports, peak, poll.errors,
-                         optuna.load_study(study_name=name, storage=opened), client, exp, parent)
+        return {**summarise(storage, n, trials, go, reports, peak, poll.errors,
+                            optuna.load_study(study_name=name, storage=opened), client, exp,
+                            parent), "pace_s": pace}
     finally:
         opened.engine.dispose()
 
@@ -438,7 +445,7 @@ def run(args: argparse.Namespace) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started, clock = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.monotonic()
-    results = []
+    results, paced = [], []
     with Bench(readonly=[ROOT, sys.prefix]) as bench:
         db = bench.host("db")
         pg = Postgres(db).start()
@@ -486,6 +493,18 @@ def run(args: argparse.Namespace) -> dict:
                 one["bench_s"] = time.monotonic() - clock  # processes' start-up included
                 results.append(one)
                 print("  " + line(one), flush=True)
+        trial = trial_seconds()
+        pace = args.paced_seconds or trial["seconds"]
+        for storage in args.storages if args.paced_n else ():
+            n = args.paced_n
+            print(f"{storage}, N={n} paced: {n} workers x {args.paced_trials} trials of "
+                  f"{pace:.1f} s", flush=True)
+            clock = time.monotonic()
+            one = run_one(pg, server, hosts, storage, n, args.paced_trials, args.timeout,
+                          proxy if storage == "grpc" else None, pace=pace)
+            one["bench_s"] = time.monotonic() - clock
+            paced.append(one)
+            print("  " + line(one), flush=True)
     versions = {p: importlib.metadata.version(p) for p in
                 ("optuna", "mlflow", "sqlalchemy", "psycopg", "grpcio", "uvicorn", "uvloop")}
     return {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -495,7 +514,7 @@ def run(args: argparse.Namespace) -> dict:
             "worker_hosts": args.hosts, "steps": STEPS, "trials_per_worker": args.trials_per_worker,
             "max_trials": args.max_trials, "warm_up_trials": args.warm_up,
             "command": f"python bench/scale.py {shlex.join(args.argv)}".strip(),
-            "trial_time": trial_seconds(), "results": results}
+            "trial_time": trial, "results": results, "paced": paced}
 
 
 def line(r: dict) -> str:
@@ -575,8 +594,31 @@ def saturation(rows: list[dict]) -> str:
     return f"not saturated up to N = {rows[-1]['n']}" if rows else "no runs"
 
 
+NAMES = {"rdb": "RDB", "grpc": "gRPC proxy"}
+
+
+def paced_table(out: dict) -> str:
+    """The paced runs: N workers whose trials last a real trial's time (a sleep for the
+    training), so that the servers see the load N training workers make."""
+    rows = ["| storage | N | trial length s | trials | trials / s | ask incl. gate p50 / p95 ms "
+            "| report p50 / p95 ms | log_metric p50 / p95 ms | coordination per trial p50 / "
+            "p95 ms | coordination p95 ÷ (trial + it) | errors | counts add up |",
+            "|---" * 12 + "|"]
+    for r in out.get("paced", []):
+        lat, c, pace = r["latency_s"], r["coordination_per_trial_s"], r["pace_s"]
+        metric = lat["mlflow.log_metric"]
+        rows.append(
+            f"| {NAMES.get(r['storage'], r['storage'])} | {r['n']} | {pace:.1f} | {r['told']} | "
+            f"{r['trials_per_s']:.2f} | {_ms(r['ask_with_gate_s']['p50'])} / "
+            f"{_ms(r['ask_with_gate_s']['p95'])} | {_ms(lat['report']['p50'])} / "
+            f"{_ms(lat['report']['p95'])} | {_ms(metric['p50'])} / {_ms(metric['p95'])} | "
+            f"{_ms(c['p50'])} / {_ms(c['p95'])} | {c['p95'] / (pace + c['p95']):.1%} | "
+            f"{r['errors']} | {'yes' if counts_add_up(r) else 'no'} |")
+    return "\n".join(rows)
+
+
 def tables(out: dict) -> str:
-    names = {"rdb": "RDB", "grpc": "gRPC proxy"}
+    names = NAMES
     head = ["| storage | N | trials | trials / s | ask incl. gate p50 / p95 ms | report p50 / p95 ms "
             "| tell p50 / p95 ms | coordination per trial p95 ms | a worker's first trial p50 ms "
             "| peak DB connections "
@@ -601,10 +643,14 @@ def tables(out: dict) -> str:
                  for c in (*MLFLOW_CALLS, "gate", "ask", "suggest", "set_user_attr")]
         calls.append(f"| {names.get(r['storage'], r['storage'])} | {r['n']} | "
                      + " | ".join(cells) + " |")
+    paced = "" if not out.get("paced") else (
+        "\n\nPaced: the same workers, but each trial lasts as long as a real one (a sleep in "
+        f"{STEPS} equal parts, one before each report, stands for its epochs: it takes no "
+        "core, so the N workers make the load of N training workers on machines of their own; "
+        "coordination counts the calls only):\n\n" + paced_table(out))
     return "\n".join(head) + "\n\nEach call's p50 / p95 in ms (MLflow calls first; `log_metric` "\
-        f"{STEPS} times per trial, queued for MLflow's async logging, `metrics_wait` once per " \
-        f"trial for all of them; `report` = `trial.report` + `trial.should_prune`, {STEPS} " \
-        "times):\n\n" + "\n".join(calls)
+        f"{STEPS} times per trial, `report` = `trial.report` + `trial.should_prune`, {STEPS} " \
+        "times):\n\n" + "\n".join(calls) + paced
 
 
 def _max_connections(out: dict) -> int:
@@ -634,6 +680,12 @@ def connections(out: dict) -> str:
             "tracking server up to 15 per process (SQLAlchemy's pool). With them, "
             f"`max_connections` = {most} ({most - SUPERUSER_RESERVED} for other roles than "
             f"superusers; PostgreSQL's default is 100, the recipe sets 300) was {state}.")
+
+
+def _share(r: dict) -> float:
+    """A paced run's coordination p95 as a share of a worker's time per trial."""
+    c = r["coordination_per_trial_s"]["p95"]
+    return c / (r["pace_s"] + c)
 
 
 def conclusions(out: dict) -> str:
@@ -668,10 +720,18 @@ def conclusions(out: dict) -> str:
                      f"{storage}: about **{f['workers']:.0f} training workers** (the load of N = "
                      f"{f['at_n']} simulated ones, coordination p95 {_ms(f['p95_s'])} ms = "
                      f"{f['share']:.1%} of a trial)")
+    paced = [f"{r['storage']} {_ms(r['coordination_per_trial_s']['p95'])} ms "
+             f"({'within' if r['coordination_per_trial_s']['p95'] <= 0.2 else 'over'} 200 ms; "
+             f"{_share(r):.1%} of a trial: these {r['n']} workers "
+             f"{'are' if _share(r) <= COORDINATION_SHARE and not r['errors'] else 'are not'} fed "
+             f"within {COORDINATION_SHARE:.0%})" for r in out.get("paced", [])]
     return "\n".join([
         *parts,
         f"- Targets (≥ 64 workers without errors; coordination ≤ 200 ms per trial at p95 at 16 "
-        f"workers): {'; '.join(targets)}.",
+        f"workers), with no pause between trials: {'; '.join(targets)}."
+        + (f" Paced, {out['paced'][0]['n']} workers whose trials last "
+           f"{out['paced'][0]['pace_s']:.1f} s: coordination p95 {'; '.join(paced)}."
+           if paced else ""),
         f"- A real trial here takes {t['seconds']:.1f} worker-seconds ({t['source']}, "
         f"{t['setting']}, measured {t['measured']}: the shipped `mlp_tpe` study on the full data, "
         f"the shorter of its settings). Training workers one database + one tracking server "
@@ -740,6 +800,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-up", type=int, default=WARM_UP_TRIALS,
                         help=f"trials per worker host of the unreported warm-up run (default "
                         f"{WARM_UP_TRIALS}; 0: none)")
+    parser.add_argument("--paced-n", type=int, default=None,
+                        help=f"workers of the paced run (default {PACED_N}, --quick 4; 0: none): "
+                        "trials that last as long as a real one, a sleep standing for the training")
+    parser.add_argument("--paced-trials", type=int, default=None,
+                        help=f"trials per worker of the paced run (default {PACED_TRIALS}, --quick 2)")
+    parser.add_argument("--paced-seconds", type=float, default=None,
+                        help="a paced trial's length (default: a real trial's, from "
+                        "bench/results/speedup.json)")
     parser.add_argument("--timeout", type=float, default=3600, help="per N and storage, seconds")
     parser.add_argument("--quick", action="store_true",
                         help=f"N = 1, 4, 5 trials each, into {QUICK_OUT.relative_to(ROOT)}/")
@@ -756,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, help=argparse.SUPPRESS)
     for name in ("--index", "--trials", "--target"):
         parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--pace", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # --out: its JSON file
         return worker(args)
@@ -765,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = args.ns or ("1,4" if args.quick else ",".join(map(str, NS)))
     args.ns = [int(n) for n in ns.split(",")]
     args.trials_per_worker = args.trials_per_worker or (5 if args.quick else TRIALS_PER_WORKER)
+    if args.paced_n is None:
+        args.paced_n = 4 if args.quick else PACED_N
+    args.paced_trials = args.paced_trials or (2 if args.quick else PACED_TRIALS)
     args.storages = [s for s in args.storages.split(",") if s]
     if set(args.storages) - {"rdb", "grpc"}:
         parser.error("--storages: rdb, grpc")

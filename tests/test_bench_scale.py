@@ -16,8 +16,12 @@ import pytest
 
 from hosts import leftovers, namespaces_work
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from scale import counts_add_up  # noqa: E402 - bench/ is no package
+
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS = 2
+PACE = 1.0  # seconds a paced trial sleeps in all
 NS = (1, 2)
 STORAGES = ("rdb", "grpc")
 
@@ -34,7 +38,8 @@ def test_the_scale_bench_runs_and_its_counts_add_up(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "scale.py"), "--ns", ",".join(map(str, NS)),
          "--trials-per-worker", str(TRIALS), "--storages", ",".join(STORAGES), "--hosts", "2",
-         "--mlflow-workers", "1", "--warm-up", "0", "--out", str(tmp_path), "--timeout", "300"],
+         "--mlflow-workers", "1", "--warm-up", "0", "--out", str(tmp_path), "--timeout", "300",
+         "--paced-n", "2", "--paced-trials", str(TRIALS), "--paced-seconds", str(PACE)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
         output, _ = proc.communicate(timeout=600)
@@ -53,6 +58,12 @@ def test_the_scale_bench_runs_and_its_counts_add_up(tmp_path):
     assert out["trial_time"]["seconds"] > 0
     assert [(r["n"], r["storage"]) for r in out["results"]] == [
         (n, s) for n in NS for s in STORAGES]
+    assert [(r["n"], r["storage"], r["pace_s"]) for r in out["paced"]] == [
+        (2, s, PACE) for s in STORAGES]
+    for r in out["paced"]:  # each worker's trials slept their pace, and nothing was lost
+        assert counts_add_up(r), r["error_samples"]
+        assert r["wall_s"] >= TRIALS * PACE and r["pace_s"] == PACE
+        assert r["coordination_per_trial_s"]["p50"] > 0
     for r in out["results"]:
         where = f"{r['storage']} N={r['n']}: {r['error_samples']}"
         target = r["n"] * TRIALS
@@ -76,6 +87,7 @@ def test_the_scale_bench_runs_and_its_counts_add_up(tmp_path):
         assert 0 < cost["p50"] <= cost["p95"], where
         # a trial is nothing but its calls: its cost is at least any of them
         assert cost["p50"] >= max(lat[call]["p50"] for call in once), where
+        assert r["pace_s"] == 0, where  # the closed loop: no sleep
         peak = r["peak_db_connections"]
         assert 0 < peak["mlflow"] and peak["total"] <= 100, where
         if r["storage"] == "rdb":  # the storage's pool; behind the proxy only the gate's lock
@@ -85,5 +97,7 @@ def test_the_scale_bench_runs_and_its_counts_add_up(tmp_path):
 
     md = (tmp_path / "scale.md").read_text()
     assert "| storage | N | trials | trials / s |" in md and "lower bound" in md
-    assert md.count("| RDB |") == 2 * len(NS) and md.count("| gRPC proxy |") == 2 * len(NS)
+    # the closed-loop rows twice (figures, calls), the paced row once
+    assert md.count("| RDB |") == 2 * len(NS) + 1 and md.count("| gRPC proxy |") == 2 * len(NS) + 1
+    assert "Paced" in md
     print(f"\nscale bench, N = {NS}, {STORAGES}: {time.monotonic() - start:.0f} s")

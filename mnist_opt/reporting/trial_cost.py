@@ -1,8 +1,7 @@
 """A trial's fixed cost: the time it spends on anything but training its epochs.
 
 Defined once, for every figure that quotes it: a finished trial's wall time (Optuna's start to
-its completion; the per-epoch metrics MLflow logs in the background are waited for when
-training ends, so they are done by then) minus the epochs
+its completion; MLflow's logging is synchronous here, so it is done by then) minus the epochs
 it trained × its steady-state epoch time, the mean time between two consecutive epoch ends.
 What remains is sampling the trial's parameters, building and compiling the model, tracing,
 the first epoch's extra time, and the logging and storage calls around the trial. The mean,

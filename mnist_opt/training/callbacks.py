@@ -6,20 +6,18 @@ import math
 import time
 
 import keras
+import mlflow
 import numpy as np
 import optuna
 from tqdm import tqdm
 
 from mnist_opt import interrupt
-from mnist_opt.tracking.metrics import BackgroundMetrics
 
 LOGGED = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class TrialCallback(keras.callbacks.Callback):
-    """Streams ``loss``/``accuracy``/``val_*`` and ``epoch`` to the active MLflow run, in
-    the background (:class:`BackgroundMetrics`; waited for when training ends or a trial is
-    pruned, so a failed write still fails the trial).
+    """Streams ``loss``/``accuracy``/``val_*`` and ``epoch`` to the active MLflow run.
 
     With a trial, it also reports ``monitor`` to Optuna and raises ``optuna.TrialPruned`` as
     soon as the pruner says so or the loss is no longer finite. Unlike
@@ -39,14 +37,12 @@ class TrialCallback(keras.callbacks.Callback):
         self.label, self.verbose = label, verbose
         self.report = report  # False in two-objective studies: Optuna cannot prune those
         self.epoch_log: list[list] = []  # [unix time at the epoch's end, val_accuracy]
-        self.metrics = BackgroundMetrics()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         interrupt.watch(self.model)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         interrupt.watch(None)
-        self.metrics.wait()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         interrupt.check()  # an interrupted epoch is partial: not logged, not reported
@@ -55,7 +51,7 @@ class TrialCallback(keras.callbacks.Callback):
         ended = min(epoch + 1, self.epochs or math.inf)
         step = round(ended * self.reports_per_epoch)
         metrics = {k: float(logs[k]) for k in LOGGED if k in logs}
-        self.metrics.log({**metrics, "epoch": ended}, step=step)
+        mlflow.log_metrics({**metrics, "epoch": ended}, step=step)
         if self.verbose:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             tqdm.write(f"{self.label} epoch {ended:g}/{self.epochs or '?'}  {shown}".strip())
@@ -91,7 +87,6 @@ class TrialCallback(keras.callbacks.Callback):
         reason = f"{why} at epoch {round(epochs, 2):g}"
         self.trial.set_user_attr("prune_reason", reason)
         self.trial.set_user_attr("pruned_at_epoch", epochs)
-        self.metrics.wait()  # the curve up to here is the pruned trial's record
         raise optuna.TrialPruned(reason)
 
 
@@ -131,8 +126,8 @@ class InEpochReports(TrialCallback):
         if not math.isfinite((logs or {}).get("loss", 0.0)):  # NaN outputs still "classify"
             self._prune(epoch, "non-finite loss")
         metrics = self.slice_metrics()
-        self.metrics.log({**{f"slice_{k}": v for k, v in metrics.items()}, "epoch": epoch},
-                         step=step)
+        mlflow.log_metrics({**{f"slice_{k}": v for k, v in metrics.items()}, "epoch": epoch},
+                           step=step)
         self._report(metrics[self.monitor], step, epoch)
 
     def slice_metrics(self, batch_size: int = 512) -> dict[str, float]:
