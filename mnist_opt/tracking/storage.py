@@ -291,7 +291,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An ``RDBStorage`` with heartbeats for database URLs; other URLs as Optuna takes them."""
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
         raise StorageError(f"unsupported storage URL {url!r}: use sqlite:///path.db, "
-                           "postgresql://user:password@host/db or mysql://…")
+                           "postgresql://user@host/db (the password in ~/.pgpass) or mysql://…")
     interval, grace = _heartbeat()
     # SQLite: wait for a lock instead of failing at once when several workers write.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else _server_engine(url)
