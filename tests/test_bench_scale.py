@@ -62,7 +62,7 @@ def test_the_scale_bench_runs_and_its_counts_add_up(tmp_path):
         (2, s, PACE) for s in STORAGES]
     for r in out["paced"]:  # each worker's trials slept their pace, and nothing was lost
         assert counts_add_up(r), r["error_samples"]
-        assert r["wall_s"] >= TRIALS * PACE and r["pace_s"] == PACE
+        assert r["wall_s"] >= TRIALS * PACE / 2 and r["pace_s"] == PACE  # each 0.5-1.5 x PACE
         assert r["coordination_per_trial_s"]["p50"] > 0
     for r in out["results"]:
         where = f"{r['storage']} N={r['n']}: {r['error_samples']}"

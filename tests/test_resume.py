@@ -292,3 +292,46 @@ def test_kill_9_then_resume_at_once_fails_the_killed_trial(stores, tmp_path):
     assert run.info.status == "KILLED" and run.data.tags["fail_reason"].startswith("stale:")
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_trial_failed_as_stale_between_its_run_s_end_and_optuna_s_tell_is_dropped(
+        stores, tmp_path, monkeypatch, capsys):
+    """Another worker fails this worker's trial as stale (a link cut, an outage) after the
+    trial's MLflow run ended FINISHED and before Optuna tells it: the worker drops the trial
+    (its run re-closed KILLED: never a FINISHED run for a failed trial) and goes on; the
+    re-queued copy completes, and the study still ends with its target."""
+    import mlflow
+
+    from mnist_opt.tracking.storage import _mark_stale, _on_stale_trial
+
+    real_end_run, hit = mlflow.end_run, []
+
+    def end_then_failed_elsewhere(status: str = "FINISHED") -> None:
+        real_end_run(status)
+        other = make_storage(stores["storage"])  # the other worker's own connection
+        study = optuna.load_study(study_name="window", storage=other)
+        running = study.get_trials(deepcopy=False, states=(TS.RUNNING,))
+        if status == "FINISHED" and running and not hit:
+            tid = running[0]._trial_id
+            assert _mark_stale(other, tid, "stale: no heartbeat (injected)")
+            other.set_trial_state_values(tid, TS.FAIL)
+            _on_stale_trial(study, other.get_trial(tid))
+            hit.append(running[0].number)
+
+    monkeypatch.setattr(mlflow, "end_run", end_then_failed_elsewhere)
+    cfg = load_config(_study_file(tmp_path, "window", search={"n_trials": 2}))
+    run_study(cfg, stores["storage"], verbose=False, progress=False)
+    out = capsys.readouterr()
+    assert hit == [0]
+    trials = _trials(stores["storage"], "window")
+    assert [t.state for t in trials] == [TS.FAIL, TS.COMPLETE, TS.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
+    assert "trial 0 was failed as stale by another worker" in out.out + out.err
+    assert "Traceback" not in out.out + out.err
+    client = MlflowClient()
+    run = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["fail_reason"].startswith("stale")
+    for trial in trials[1:]:
+        assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "FINISHED"

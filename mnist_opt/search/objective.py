@@ -250,8 +250,11 @@ def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
                                lambda study, trial: interrupt.check(), *callbacks,
                                slots.claim_next(left)])  # last: the lock is held until the next ask
                 return
-            except ValueError:  # Optuna's "Cannot tell a FAIL trial": ours, failed under us?
-                if lost.told():
+            # Optuna could not tell a trial that another worker failed under us: one whose
+            # objective raised TrialLost ("Cannot tell a FAIL trial"), or one whose objective had
+            # returned (Optuna 5's tell then ends on its own assert, "Should not reach")
+            except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
+                if lost.told() and not lost.lost_at_tell(study):
                     raise
             print(lost.line(), flush=True)
             if left <= 0 or not slots.claim():  # the lost trial does not count as one of ours
@@ -274,11 +277,15 @@ class _LostTrials(logging.Filter):
         super().__init__()
         self.errors: list[tracking.TrialLost] = []
         self._reported = 0
+        self.returned: optuna.Trial | None = None  # the trial whose objective just returned
 
     def watch(self, objective: Callable[[optuna.Trial], object]) -> Callable[[optuna.Trial], object]:
         def run(trial: optuna.Trial) -> object:
+            self.returned = None
             try:
-                return objective(trial)
+                value = objective(trial)
+                self.returned = trial
+                return value
             except tracking.TrialLost as exc:
                 self.errors.append(exc)
                 raise
@@ -288,6 +295,22 @@ class _LostTrials(logging.Filter):
                 raise exc from None
 
         return run
+
+    def lost_at_tell(self, study: optuna.Study) -> bool:
+        """True when the trial whose objective returned was failed as stale by another worker
+        before Optuna could tell it (a link cut or an outage in that moment): its MLflow run,
+        which ended FINISHED meanwhile, is re-closed KILLED, and it counts as lost."""
+        trial, self.returned = self.returned, None
+        if trial is None:
+            return False
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state != optuna.trial.TrialState.FAIL:
+            return False
+        tracking.close_run(frozen.user_attrs.get("mlflow_run_id"), "KILLED",
+                           {"state": "failed", "fail_reason": str(frozen.user_attrs.get(
+                               "fail_reason", "stale: failed by another worker"))}, ended=True)
+        self.errors.append(tracking.TrialLost(trial.number))
+        return True
 
     def told(self) -> bool:
         """True when every lost trial was reported (so an error is not about one)."""

@@ -284,8 +284,10 @@ def _record_failure(trial: optuna.Trial, reason: str, trace: str | None) -> None
         mlflow.set_tag("traceback", trace[-5000:])
 
 
-def close_run(run_id: str | None, status: str, tags: dict[str, str]) -> bool:
-    """End a run left RUNNING (its process died); False if there was nothing to close."""
+def close_run(run_id: str | None, status: str, tags: dict[str, str],
+              ended: bool = False) -> bool:
+    """End a run left RUNNING (its process died); False if there was nothing to close.
+    ``ended``: also a run that already ended (re-closed with ``status``)."""
     if not run_id:
         return False
     client = MlflowClient()
@@ -293,7 +295,7 @@ def close_run(run_id: str | None, status: str, tags: dict[str, str]) -> bool:
         run = client.get_run(run_id)
     except MlflowException:
         return False
-    if run.info.status != "RUNNING":
+    if run.info.status != "RUNNING" and not ended:
         return False
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
