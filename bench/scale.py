@@ -127,7 +127,7 @@ def worker(args: argparse.Namespace) -> int:
     states: dict[str, int] = {}
     first: dict[str, int] = {}
     now = time.perf_counter
-    mark = {"claim_end": 0.0, "objective_end": 0.0, "trial": 0.0}
+    mark = {"claim_end": 0.0, "objective_end": 0.0, "trial": 0.0, "slept": 0.0}
     asked = 0
 
     def timed(name: str, fn, *a, **kw):
@@ -190,6 +190,7 @@ def worker(args: argparse.Namespace) -> int:
             pace = args.pace * random.Random(f"{args.index}-{trial.number}").uniform(0.5, 1.5)
             for step in range(STEPS):
                 time.sleep(pace / STEPS)  # a paced run: an epoch's training, on no core
+                mark["slept"] += pace / STEPS
                 value += 0.01 * (1 - value)
                 timed("report", lambda: (trial.report(value, step), trial.should_prune()))
                 timed("mlflow.log_metric", client.log_metric, run_id, "val_accuracy", value,
@@ -230,7 +231,8 @@ def worker(args: argparse.Namespace) -> int:
     out.write_text(json.dumps({
         "index": args.index, "host": socket.gethostname(), "pid": os.getpid(),
         "start": started, "end": time.time(), "asked": asked, "states": states,
-        "calls": calls, "first": first, "per_trial": per_trial, "errors": errors}))
+        "calls": calls, "first": first, "per_trial": per_trial, "errors": errors,
+        "slept_s": mark["slept"]}))
     return 0
 
 
@@ -410,6 +412,7 @@ def summarise(storage: str, n: int, trials: int, go: float, reports: list[dict],
         "mlflow_runs": len(runs),
         "mlflow_runs_finished": sum(r.info.status == "FINISHED" for r in runs),
         "errors": len(errors), "error_samples": errors[:5],
+        "slept_s": sum(r.get("slept_s", 0.0) for r in ok),
         "latency_s": {name: {"n": len(v), "p50": _percentile(v, 50), "p95": _percentile(v, 95)}
                       for name, v in calls.items()},
         "ask_with_gate_s": {"p50": _percentile(ask_with_gate, 50),
@@ -617,7 +620,7 @@ def paced_table(out: dict) -> str:
             f"{r['trials_per_s']:.2f} | {_ms(r['ask_with_gate_s']['p50'])} / "
             f"{_ms(r['ask_with_gate_s']['p95'])} | {_ms(lat['report']['p50'])} / "
             f"{_ms(lat['report']['p95'])} | {_ms(metric['p50'])} / {_ms(metric['p95'])} | "
-            f"{_ms(c['p50'])} / {_ms(c['p95'])} | {c['p95'] / (pace + c['p95']):.1%} | "
+            f"{_ms(c['p50'])} / {_ms(c['p95'])} | {_pct(_share(r))} | "
             f"{r['errors']} | {'yes' if counts_add_up(r) else 'no'} |")
     return "\n".join(rows)
 
@@ -688,10 +691,16 @@ def connections(out: dict) -> str:
             f"superusers; PostgreSQL's default is 100, the recipe sets 300) was {state}.")
 
 
-def _share(r: dict) -> float:
-    """A paced run's coordination p95 as a share of a worker's time per trial."""
+def _share(r: dict) -> float | None:
+    """A paced run's coordination p95 as a share of a worker's time per trial (None: no
+    trial measured, e.g. one trial per worker, which the percentiles leave out)."""
     c = r["coordination_per_trial_s"]["p95"]
-    return c / (r["pace_s"] + c)
+    return None if c is None else c / (r["pace_s"] + c)
+
+
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{share:.2%}" if abs(share - COORDINATION_SHARE) < 0.005 \
+        else f"{share:.1%}"  # one more decimal by the line: 10.0 % may be over it
 
 
 def conclusions(out: dict) -> str:
@@ -728,9 +737,10 @@ def conclusions(out: dict) -> str:
                      f"{f['share']:.1%} of a trial)")
     paced = [f"{r['storage']} {_ms(r['coordination_per_trial_s']['p95'])} ms "
              f"({'within' if r['coordination_per_trial_s']['p95'] <= 0.2 else 'over'} 200 ms; "
-             f"{_share(r):.1%} of a trial: these {r['n']} workers "
+             f"{_pct(_share(r))} of a trial: these {r['n']} workers "
              f"{'are' if _share(r) <= COORDINATION_SHARE and not r['errors'] else 'are not'} fed "
-             f"within {COORDINATION_SHARE:.0%})" for r in out.get("paced", [])]
+             f"within {COORDINATION_SHARE:.0%})" for r in out.get("paced", [])
+             if _share(r) is not None]
     return "\n".join([
         *parts,
         f"- Targets (≥ 64 workers without errors; coordination ≤ 200 ms per trial at p95 at 16 "
@@ -744,7 +754,10 @@ def conclusions(out: dict) -> str:
         f"the shorter of its settings). Training workers one database + one tracking server "
         f"feed while coordination stays within {COORDINATION_SHARE:.0%} of a worker's time "
         "(trials per second at a measured load × (trial time + coordination at p95); no "
-        f"extrapolation beyond the largest N run): {'; '.join(feeds)}.",
+        f"extrapolation beyond the largest N run): {'; '.join(feeds)}."
+        + (" An estimate from the closed loop, which assumes the load's calls spread evenly; "
+           "the paced run measures it, with the workers' own clients on the servers' cores too, "
+           "and is the figure to go by." if out.get("paced") else ""),
         f"- For trials of other lengths, the shortest trial that keeps coordination within "
         f"{COORDINATION_SHARE:.0%}, and the workers the servers then feed, at each load measured: "
         f"{'; '.join(min_trial_times(out))}.",

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 import mlflow
 import optuna
+from mlflow.exceptions import MlflowException
 
 from mnist_opt import data, interrupt
 from mnist_opt.reporting.trial_cost import epochs_trained
@@ -232,6 +233,7 @@ def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
     def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal left
         left -= 1
+        lost.returned = None  # told: whatever fails from here on is not about that trial
 
     optuna_log = logging.getLogger("optuna.study._optimize")
     optuna_log.addFilter(lost)
@@ -277,15 +279,20 @@ class _LostTrials(logging.Filter):
         super().__init__()
         self.errors: list[tracking.TrialLost] = []
         self._reported = 0
-        self.returned: optuna.Trial | None = None  # the trial whose objective just returned
+        # the trial whose objective returned or was pruned, until Optuna has told it
+        self.returned: optuna.Trial | None = None
+        self._pruned = False
 
     def watch(self, objective: Callable[[optuna.Trial], object]) -> Callable[[optuna.Trial], object]:
         def run(trial: optuna.Trial) -> object:
-            self.returned = None
+            self.returned, self._pruned = None, False
             try:
                 value = objective(trial)
                 self.returned = trial
                 return value
+            except optuna.TrialPruned:  # told PRUNED next: lost too, if failed under us first
+                self.returned, self._pruned = trial, True
+                raise
             except tracking.TrialLost as exc:
                 self.errors.append(exc)
                 raise
@@ -297,18 +304,22 @@ class _LostTrials(logging.Filter):
         return run
 
     def lost_at_tell(self, study: optuna.Study) -> bool:
-        """True when the trial whose objective returned was failed as stale by another worker
-        before Optuna could tell it (a link cut or an outage in that moment): its MLflow run,
-        which ended FINISHED meanwhile, is re-closed KILLED, and it counts as lost."""
+        """True when the trial whose objective returned (or was pruned) was failed as stale by
+        another worker before Optuna could tell it (a link cut or an outage in that moment):
+        its MLflow run, which ended meanwhile, is re-closed KILLED, and it counts as lost."""
         trial, self.returned = self.returned, None
         if trial is None:
             return False
         frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state != optuna.trial.TrialState.FAIL:
+        reason = str(frozen.user_attrs.get("fail_reason", ""))
+        if frozen.state != optuna.trial.TrialState.FAIL or not reason.startswith(STALE):
             return False
-        tracking.close_run(frozen.user_attrs.get("mlflow_run_id"), "KILLED",
-                           {"state": "failed", "fail_reason": str(frozen.user_attrs.get(
-                               "fail_reason", "stale: failed by another worker"))}, ended=True)
+        try:
+            tracking.close_run(frozen.user_attrs.get("mlflow_run_id"), "KILLED",
+                               {"state": "failed", "fail_reason": reason}, ended=True)
+        except MlflowException as exc:  # the tracking server is away too: say so, go on
+            print(f"trial {trial.number}: its MLflow run could not be closed KILLED "
+                  f"({type(exc).__name__}); it stays FINISHED", flush=True)
         self.errors.append(tracking.TrialLost(trial.number))
         return True
 
@@ -323,4 +334,7 @@ class _LostTrials(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(message.startswith(f"Trial {exc.number} failed") for exc in self.errors)
+        lost = [exc.number for exc in self.errors]
+        if self._pruned and self.returned is not None:  # a pruned trial "fails" only when it
+            lost.append(self.returned.number)           # was failed under us (lost_at_tell)
+        return not any(message.startswith(f"Trial {n} failed") for n in lost)
