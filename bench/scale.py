@@ -626,7 +626,6 @@ def paced_table(out: dict) -> str:
 
 
 def tables(out: dict) -> str:
-    names = NAMES
     head = ["| storage | N | trials | trials / s | ask incl. gate p50 / p95 ms | report p50 / p95 ms "
             "| tell p50 / p95 ms | coordination per trial p95 ms | a worker's first trial p50 ms "
             "| peak DB connections "
@@ -634,7 +633,7 @@ def tables(out: dict) -> str:
     for r in out["results"]:
         lat, peak = r["latency_s"], r["peak_db_connections"]
         head.append(
-            f"| {names.get(r['storage'], r['storage'])} | {r['n']} | {r['told']} | "
+            f"| {NAMES.get(r['storage'], r['storage'])} | {r['n']} | {r['told']} | "
             f"{r['trials_per_s']:.1f} | {_ms(r['ask_with_gate_s']['p50'])} / "
             f"{_ms(r['ask_with_gate_s']['p95'])} | {_ms(lat['report']['p50'])} / "
             f"{_ms(lat['report']['p95'])} | {_ms(lat['tell']['p50'])} / {_ms(lat['tell']['p95'])} "
@@ -647,9 +646,9 @@ def tables(out: dict) -> str:
              "|---|---|" + "---|" * (len(MLFLOW_CALLS) + 4)]
     for r in out["results"]:
         lat = r["latency_s"]
-        cells = [f"{_ms(lat[c]['p50'])} / {_ms(lat[c]['p95'])}" if c in lat else "–"
+        cells = [f"{_ms(lat[c]['p50'])} / {_ms(lat[c]['p95'])}"
                  for c in (*MLFLOW_CALLS, "gate", "ask", "suggest", "set_user_attr")]
-        calls.append(f"| {names.get(r['storage'], r['storage'])} | {r['n']} | "
+        calls.append(f"| {NAMES.get(r['storage'], r['storage'])} | {r['n']} | "
                      + " | ".join(cells) + " |")
     paced = "" if not out.get("paced") else (
         "\n\nPaced: the same workers, but each trial lasts about as long as a real one (drawn "
