@@ -23,6 +23,11 @@ host shares its mounts and ``/tmp``, as on a machine. Names carry ``mo-<pid>-`` 
 not clash, and a run removes what a crashed run (a pid no longer alive) left behind.
 
 Needs root (``ip netns``, mounts); :func:`namespaces_work` says whether this machine allows it.
+Where it does not, :class:`LoopbackBench` gives each host an address of its own on the loopback
+(``127.K.0.N``) and TCP relays between hosts that can be cut; :func:`make_bench` picks the one
+this machine allows (``MNIST_OPT_BENCH`` chooses). Tests reach a server with ``reach``:
+
+    seen = worker.reach(db, 5432, 5000)      # db's address as worker reaches it
 """
 from __future__ import annotations
 
@@ -36,9 +41,11 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,7 +71,12 @@ def namespaces_work() -> bool:
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    except FileNotFoundError:  # no iproute2: no namespaces or links of ours either
+        if check:
+            raise
+        return subprocess.CompletedProcess(["ip", *args], 1, "", "ip: not installed")
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc
@@ -107,13 +119,17 @@ def _remove(ns: Sequence[str], links: Sequence[str], dirs: Sequence[Path]) -> No
         time.sleep(0.1)
 
 
+def _dead(name: str) -> bool:
+    """Whether ``name`` is a bench's (``mo-<pid>-…``) whose process is gone."""
+    return (m := _NAME.match(name)) is not None and not psutil.pid_exists(int(m[1]))
+
+
 def clean_leftovers() -> list[str]:
     """Remove the namespaces, links and folders of benches whose process is gone (a crashed
     or killed run); returns their names."""
-    dead = lambda name: (m := _NAME.match(name)) is not None and not psutil.pid_exists(int(m[1]))
-    ns = [n for n in _netns_names() if dead(n)]
-    links = [link.split("@")[0] for link in _link_names() if dead(link)]
-    dirs = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if dead(p.name)]
+    ns = [n for n in _netns_names() if _dead(n)]
+    links = [link.split("@")[0] for link in _link_names() if _dead(link)]
+    dirs = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if _dead(p.name)]
     _remove(ns, links, dirs)
     return [*ns, *links, *(str(d) for d in dirs)]
 
@@ -225,11 +241,32 @@ class Host:
         return {"PATH": BASE_PATH, "HOME": str(self.home), "LANG": "C.UTF-8",
                 "TMPDIR": "/tmp", **(extra or {})}
 
-    def _command(self, cmd: Sequence[str], cwd: str | Path | None) -> list[str]:
+    def _spawn(self, cmd: Sequence[str], env: dict[str, str] | None, cwd: str | Path | None,
+               **popen) -> subprocess.Popen:
+        """``cmd`` started inside the host's namespaces, in a process group of its own."""
         if self._holder is None or self._holder.poll() is not None:
             raise RuntimeError(f"host {self.name} is not running")
-        return ["nsenter", "-t", str(self._holder.pid), "-n", "-m", "-u",
-                f"--wdns={cwd or self.home}", "--", *map(str, cmd)]
+        return subprocess.Popen(["nsenter", "-t", str(self._holder.pid), "-n", "-m", "-u",
+                                 f"--wdns={cwd or self.home}", "--", *map(str, cmd)],
+                                env=self.env(env), stdin=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+    def reach(self, server: Host, *ports: int) -> str:
+        """The address at which this host reaches ``server`` on ``ports``: here its own."""
+        return server.addr
+
+    def ran(self, trial) -> bool:
+        """Whether a process of this host ran Optuna ``trial`` (its owner's host name)."""
+        return trial.user_attrs.get("host") == self.hostname
+
+    @property
+    def localhost(self) -> str:
+        """The address at which this host's processes reach its own services."""
+        return "localhost"
+
+    def http_names(self, port: int) -> str:
+        """The Host headers by which clients ask for this host's ``port`` (``--allowed-hosts``)."""
+        return f"{self.addr}:{port},{self.addr}"
 
     def popen(self, cmd: Sequence[str], env: dict[str, str] | None = None,
               cwd: str | Path | None = None, log: str | None = None) -> subprocess.Popen:
@@ -238,8 +275,7 @@ class Host:
         if still running. ``proc.log`` is the log file's path."""
         path = self.bench.log_path(f"{self.name}-{log or Path(str(cmd[0])).name}")
         with open(path, "ab") as out:
-            proc = subprocess.Popen(self._command(cmd, cwd), env=self.env(env), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = self._spawn(cmd, env, cwd, stdout=out)
         proc.log = path
         self.procs.append(proc)
         return proc
@@ -249,9 +285,7 @@ class Host:
             check: bool = True) -> subprocess.CompletedProcess:
         """Run ``cmd`` on this host and wait; its output (stdout and stderr together) comes
         back as text. ``check``: raise with that output when it exits non-zero."""
-        proc = subprocess.Popen(self._command(cmd, cwd), env=self.env(env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = self._spawn(cmd, env, cwd, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -314,6 +348,10 @@ class Bench:
     ``.2``, ``.3``, …. ``readonly``: paths every host sees read-only (the data, the code).
     :meth:`close` (or leaving the ``with`` block) removes all of it, whatever was set up."""
 
+    kind = "netns"
+    isolates_files = True  # a host sees neither another's folder nor the bench's logs
+    host_class = Host
+
     def __init__(self, readonly: Sequence[str | Path] = ()):
         self.tag = f"{PREFIX}{os.getpid()}-"
         self.bridge = f"{self.tag}br"
@@ -355,7 +393,7 @@ class Bench:
         """A new host ``name`` (a fresh, empty ``home``), up and reachable."""
         if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", name) or name in self.hosts:
             raise ValueError(f"host name {name!r}: new, lower-case letters and digits")
-        host = Host(self, name, len(self.hosts) + 1)
+        host = self.host_class(self, name, len(self.hosts) + 1)
         self.hosts[name] = host
         host._start()
         return host
@@ -371,6 +409,15 @@ class Bench:
     def close(self) -> None:
         """Stop the services, every process and holder, delete the namespaces, links and
         folders. Safe to call on a bench half set up, and twice."""
+        errors = self._stop_services()
+        _remove([h.ns for h in self.hosts.values()],
+                [h.veth for h in self.hosts.values()] + [self.bridge],
+                [self.base] if self.base else [])
+        self.hosts.clear()
+        _report(errors)
+
+    def _stop_services(self) -> list[str]:
+        """Stop the services gently, then every host's processes; what would not stop."""
         errors = []
         for service in reversed(self.services):
             try:
@@ -380,12 +427,201 @@ class Bench:
         self.services.clear()
         for host in self.hosts.values():
             host.stop(grace=5)
-        _remove([h.ns for h in self.hosts.values()],
-                [h.veth for h in self.hosts.values()] + [self.bridge],
-                [self.base] if self.base else [])
+        return errors
+
+
+def _report(errors: list[str]) -> None:
+    if errors:  # after the teardown: a service that would not stop gently is worth a look
+        print("bench teardown:", *errors, sep="\n  ", file=sys.stderr)
+
+
+class _Proxy(threading.Thread):
+    """A TCP relay from ``listen`` to ``target``, connecting from the address ``source`` (so
+    that the target sees the client host's address). While :attr:`open` is clear, the link is
+    down: bytes in flight and new connections wait, as packets on a cut link wait for TCP to
+    send them again. Unlike a cut link, this machine's kernel still acknowledges them, so the
+    client's TCP keepalive and ``tcp_user_timeout`` never fire: a call waits until the link is
+    back (or its own timeout), where on the namespaced bench the connection breaks after 25 s."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], source: str):
+        super().__init__(daemon=True, name=f"proxy {listen} -> {target}")
+        self.target, self.source = target, source
+        self.open = threading.Event()
+        self.open.set()
+        self.server = socket.create_server(listen)
+        self.sockets: list[socket.socket] = []
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        self.open.wait()
+        try:
+            upstream = socket.create_connection(self.target, timeout=30,
+                                                source_address=(self.source, 0))
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self.sockets += [client, upstream]
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.open.wait()
+                dst.sendall(data)
+            self.open.wait()  # a closed connection is news that a cut link holds back too
+            dst.shutdown(socket.SHUT_WR)  # pass the end of one direction on
+        except OSError:  # one side is gone: so is the connection
+            for sock in (src, dst):
+                sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.sockets:
+            sock.close()
+        self.open.set()  # let waiting threads see the closed sockets and end
+
+
+class LoopbackHost(Host):
+    """A host of a :class:`LoopbackBench`: its own address ``127.K.0.N`` and folder; its
+    processes run on this machine as the test's user, with the machine's host name, and see
+    every file. Other hosts reach it only at the addresses :meth:`reach` gives them, through
+    relays that :meth:`down` holds."""
+
+    def __init__(self, bench: LoopbackBench, name: str, index: int):
+        super().__init__(bench, name, index)
+        self.addr = f"{bench.prefix}.0.{index + 1}"
+        self.hostname = socket.gethostname()
+
+    def _start(self) -> None:
+        self.home.mkdir(parents=True)
+
+    def _spawn(self, cmd: Sequence[str], env: dict[str, str] | None, cwd: str | Path | None,
+               **popen) -> subprocess.Popen:
+        return subprocess.Popen(list(map(str, cmd)), cwd=cwd or self.home, env=self.env(env),
+                                stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                start_new_session=True, **popen)
+
+    def reach(self, server: Host, *ports: int) -> str:
+        """``127.K.<this host's number>.<server's last byte>``: relays on ``ports`` to the
+        server's address, from this host's."""
+        if server is self:
+            return self.addr
+        view = f"{self.bench.prefix}.{self.index}.{server.index + 1}"
+        for port in ports:
+            self.bench.relay(self, server, view, port)
+        return view
+
+    def ran(self, trial) -> bool:
+        # every host has the machine's name: the owner's process tells them apart
+        return trial.user_attrs.get("pid") in {proc.pid for proc in self.procs}
+
+    @property
+    def localhost(self) -> str:
+        return self.addr  # the machine's localhost is every host's
+
+    def http_names(self, port: int) -> str:
+        return f"{self.bench.prefix}.*"  # its own address and every host's view of it
+
+    def down(self) -> None:
+        self.bench.cut(self, True)
+
+    def up(self) -> None:
+        self.bench.cut(self, False)
+
+    def stop(self, grace: float = 10) -> None:
+        for proc in self.procs:
+            stop_group(proc, grace)
+
+
+class LoopbackBench(Bench):
+    """The bench where network namespaces cannot be had (``unshare -n`` fails): every host
+    is a loopback address ``127.K.0.N`` of this machine (K free, per bench), and a host
+    reaches another only through a TCP relay of its own (:meth:`Host.reach`), which
+    :meth:`Host.down` holds to cut its links. What it does not give: hosts see each other's
+    files and share a host name and ``/tmp`` (runs as root, for PostgreSQL's own user)."""
+
+    kind = "loopback"
+    isolates_files = False
+    host_class = LoopbackHost
+
+    def __init__(self, readonly: Sequence[str | Path] = ()):
+        super().__init__(readonly)
+        self.prefix: str | None = None
+        self.relays: dict[tuple[str, int], _Proxy] = {}
+        self.ends: dict[tuple[str, int], set[str]] = {}
+        self.held: set[str] = set()
+
+    def start(self) -> None:
+        for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+            if _dead(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
+        self.base = Path(tempfile.mkdtemp(prefix=self.tag))
+        self.base.chmod(0o755)
+        (self.base / "logs").mkdir()
+        with _machine_lock():
+            busy = {c.laddr.ip.split(".")[1] for c in psutil.net_connections("inet4")
+                    if c.laddr and c.laddr.ip.startswith("127.")}
+            first = 100 + os.getpid() % 150
+            k = next((k for k in [*range(first, 250), *range(100, first)]
+                      if str(k) not in busy), None)
+            if k is None:
+                raise RuntimeError("no free 127.K.0.0/16 on this machine (K 100-249 all in use)")
+        self.prefix = f"127.{k}"
+        # who may connect, for PostgreSQL's pg_hba.conf: only this machine reaches loopback
+        self.subnet = ipaddress.ip_network("127.0.0.0/8")
+        self.gateway = "127.0.0.1"  # the test process connects from there
+
+    def relay(self, client: Host, server: Host, view: str, port: int) -> None:
+        """A relay at ``view``:``port`` to ``server`` (once), cut while either end is down."""
+        if (view, port) not in self.relays:
+            self.relays[view, port] = _Proxy((view, port), (server.addr, port), client.addr)
+            self.ends[view, port] = {client.name, server.name}
+            self._apply()
+
+    def cut(self, host: Host, down: bool) -> None:
+        (self.held.add if down else self.held.discard)(host.name)
+        self._apply()
+
+    def _apply(self) -> None:
+        for key, relay in self.relays.items():
+            (relay.open.clear if self.ends[key] & self.held else relay.open.set)()
+
+    def close(self) -> None:
+        errors = self._stop_services()
+        for relay in self.relays.values():
+            relay.close()
+        self.relays.clear()
+        if self.base:
+            shutil.rmtree(self.base, ignore_errors=True)
         self.hosts.clear()
-        if errors:  # after the teardown: a service that would not stop gently is worth a look
-            print("bench teardown:", *errors, sep="\n  ", file=sys.stderr)
+        _report(errors)
+
+
+def make_bench(readonly: Sequence[str | Path] = (), kind: str | None = None) -> Bench:
+    """A bench of ``kind`` (default :func:`bench_kind`)."""
+    kind = kind or bench_kind()
+    return {"netns": Bench, "loopback": LoopbackBench}[kind](readonly)
+
+
+def bench_kind() -> str | None:
+    """``MNIST_OPT_BENCH`` (netns or loopback) if set; else netns where namespaces can be
+    made, else loopback for root (PostgreSQL runs as its own user); else None: no bench."""
+    kind = os.environ.get("MNIST_OPT_BENCH")
+    if kind not in (None, "", "netns", "loopback"):
+        raise ValueError(f"MNIST_OPT_BENCH={kind!r}: use netns or loopback")
+    if kind:
+        return kind
+    return "netns" if namespaces_work() else "loopback" if os.geteuid() == 0 else None
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -496,7 +732,8 @@ class Postgres:
                           f"{self.host.bench.subnet} scram-sha-256\n")
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
                  "-t", str(int(timeout)), "start", "-o",
-                 f"-h {self.host.addr},localhost -p {self.port} -k {self.data} -F "
+                 f"-h {','.join({self.host.addr, self.host.localhost})} -p {self.port} "
+                 f"-k {self.data} -F "
                  + " ".join(f"-c {k}={v}" for k, v in SERVER_SETTINGS.items()),
                  timeout=timeout + 10)
         if not self._initialised:
@@ -531,8 +768,7 @@ class MlflowServer:
         self.host, self.pg, self.port, self.workers = host, pg, port, workers
         # the Host headers it answers (--allowed-hosts): "" its own address, None MLflow's
         # default (localhost and private addresses)
-        self.allowed_hosts = (f"{host.addr}:{port},{host.addr}" if allowed_hosts == ""
-                              else allowed_hosts)
+        self.allowed_hosts = (host.http_names(port) if allowed_hosts == "" else allowed_hosts)
         self.dir = host.home / "mlflow"
         self.artifacts = self.dir / "artifacts"
         self.admin_password = secrets.token_urlsafe(18)
@@ -551,7 +787,7 @@ class MlflowServer:
         process (through the bridge)."""
         if self not in self.host.bench.services:
             self.host.bench.services.append(self)
-        self.pg.pgpass(self.host.home / ".pgpass", hostname="localhost")  # HOME is home
+        self.pg.pgpass(self.host.home / ".pgpass", hostname=self.host.localhost)  # HOME is home
         env = {"PATH": f"{Path(sys.executable).parent}:{BASE_PATH}",  # it starts uvicorn from PATH
                # the test's own interpreter and import path stand for the server's install
                **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
@@ -560,6 +796,8 @@ class MlflowServer:
                "MLFLOW_FLASK_SERVER_SECRET_KEY": "bench-" + self.admin_password,
                "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
                "MLFLOW_SERVER_WORKERS": str(self.workers), **self.env}
+        if self.host.localhost != "localhost":  # the recipe's default
+            env["DB_HOST"] = self.host.localhost
         if self.allowed_hosts is not None:
             env["MLFLOW_ALLOWED_HOSTS"] = self.allowed_hosts
         self.proc = self.host.popen(["sh", str(DEPLOY / "mlflow-server.sh")], env=env,

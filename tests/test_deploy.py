@@ -57,6 +57,20 @@ def test_the_readme_recipe_is_what_the_bench_runs():
         assert not re.search(r"postgresql://[^@/\s:]+:[^@/\s]+@", text)
 
 
+def test_the_postgresql_settings_agree_wherever_the_recipe_gives_them():
+    """The settings the bench starts PostgreSQL with (tests/hosts.py) are those of the
+    README's postgresql.conf lines and of the compose file's postgres command, no more."""
+    from hosts import SERVER_SETTINGS
+
+    want = {k: str(v) for k, v in SERVER_SETTINGS.items()}
+    conf = _readme_section().split("postgresql.conf", 1)[1].split("pg_hba.conf", 1)[0]
+    readme = dict(re.findall(r"(\w+) = (\d+)", conf))
+    command = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["postgres"]["command"]
+    compose = dict(arg.split("=", 1) for arg in command[2::2])
+    assert command[0] == "postgres" and set(command[1::2]) == {"-c"}, command
+    assert readme == want and compose == want, (readme, compose, want)
+
+
 def test_the_compose_file_runs_the_recipe():
     """Parsed as YAML (no tool needed): its services run the recipe's scripts, and the workers
     get deploy/worker.env's variables with the services' names for dbhost."""

@@ -1,12 +1,15 @@
-"""Several machines on one (tests/hosts.py: network namespaces on a private bridge): a
+"""Several machines on one (tests/hosts.py: network namespaces on a private bridge, or where
+those cannot be made, loopback addresses with relays between them): a
 database host runs PostgreSQL and ``mlflow server``, set up with the README's many-machine
 recipe (``deploy/``: a password that clients find in ``.pgpass``, MLflow's basic
 authentication); three worker hosts run one study together, each knowing only the variables of
 ``deploy/worker.env`` and its ``.pgpass``; a fourth host retrains the best trial after the
 workers' folders are gone, a fifth serves the registered model, a sixth asks it for
-predictions. No host sees another's files.
+predictions. No host sees another's files (on the namespaced bench; the loopback one cannot
+hide them).
 
-Needs root (``ip netns``); skipped only where ``unshare -n true`` fails.
+Needs root (``ip netns``, or PostgreSQL's own user on the loopback bench); skipped only where
+neither can be had. ``MNIST_OPT_BENCH=loopback`` runs it on the loopback bench.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from hosts import BASE_PATH, Bench, MlflowServer, Postgres, leftovers, namespaces_work
+from hosts import BASE_PATH, Bench, MlflowServer, Postgres, bench_kind, leftovers, make_bench
+from hosts import namespaces_work
 from hosts import recipe_env, tail
 from hosts import clean_leftovers, stop_group, wait_http
 
@@ -42,6 +46,8 @@ MLFLOW_PASSWORD = "bench-workers-password"  # MLflow wants 12 characters at leas
 # the one reason to skip: where namespaces can be made, a failure to build the bench fails
 namespaces = pytest.mark.skipif(not namespaces_work(),
                                 reason="`unshare -n true` fails: no network namespaces here")
+a_bench = pytest.mark.skipif(bench_kind() is None, reason="not root: `unshare -n true` fails and "
+                             "PostgreSQL cannot run as its own user")
 
 
 def _study_doc() -> str:
@@ -112,13 +118,13 @@ def _check_tracking(client: MlflowClient, trials: list[optuna.trial.FrozenTrial]
         assert len([m for m in models if m.source_run_id == mine[0].info.run_id]) == 1, trial.number
 
 
-@namespaces
+@a_bench
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
     start = time.monotonic()
-    bench = Bench(readonly=[os.environ["MNIST_OPT_DATA"], ROOT, sys.prefix])
+    bench = make_bench(readonly=[os.environ["MNIST_OPT_DATA"], ROOT, sys.prefix])
     tag = bench.tag
     with bench:
         db = bench.host("db")
@@ -128,7 +134,6 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
         assert recipe["MLFLOW_TRACKING_URI"] == server.uri, "the bench's server is not the recipe's"
         user = recipe["MLFLOW_TRACKING_USERNAME"]
         server.add_user(user, MLFLOW_PASSWORD)
-        env = _mnist_opt_env(**recipe)
         # who may use the tracking server: nobody without the password
         search = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert _status(None, search) == 401
@@ -145,15 +150,21 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
         workers = [bench.host(name) for name in WORKERS]
         connect = [sys.executable, "-c", "import os, psycopg; "
                    "psycopg.connect(os.environ['OPTUNA_STORAGE']).close()"]
-        refused = workers[0].run(connect, env=env, check=False)  # before its .pgpass exists
+        seen = {w.name: w.reach(db, pg.port, server.port) for w in workers}  # db's address
+        envs = {w.name: _mnist_opt_env(**recipe_env(seen[w.name], MLFLOW_PASSWORD))
+                for w in workers}
+        refused = workers[0].run(connect, env=envs["w1"], check=False)  # before its .pgpass
         assert refused.returncode != 0 and "no password supplied" in refused.stdout, refused.stdout
         for w in workers:  # a machine of its own: its folder only, not the server's or a peer's
-            assert w.sees(w.home) and not w.sees(db.home) and not w.sees(server.artifacts)
-            assert not any(w.sees(peer.home) for peer in workers if peer is not w)
+            assert w.sees(w.home)
+            if bench.isolates_files:
+                assert not w.sees(db.home) and not w.sees(server.artifacts)
+                assert not any(w.sees(peer.home) for peer in workers if peer is not w)
             (w.home / f"{NAME}.yaml").write_text(_study_doc())
-            pg.pgpass(w.home / ".pgpass")  # ~/.pgpass: HOME is the host's folder
+            pg.pgpass(w.home / ".pgpass", seen[w.name])  # ~/.pgpass: HOME is the host's folder
         procs = [w.popen([sys.executable, "-m", "mnist_opt", "study", f"{NAME}.yaml",
-                          "--workers", "1", "-q"], env=env, log="study") for w in workers]
+                          "--workers", "1", "-q"], env=envs[w.name], log="study")
+                 for w in workers]
         try:
             for proc in procs:
                 proc.wait(timeout=900)
@@ -176,9 +187,11 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
             shutil.rmtree(w.home)
         trainer = bench.host("trainer")
         (trainer.home / f"{NAME}.yaml").write_text(_study_doc())
-        pg.pgpass(trainer.home / ".pgpass")
+        seen = trainer.reach(db, pg.port, server.port)
+        pg.pgpass(trainer.home / ".pgpass", seen)
         out = trainer.run([sys.executable, "-m", "mnist_opt", "retrain", f"{NAME}.yaml", "-q"],
-                          env=env, timeout=900).stdout
+                          env=_mnist_opt_env(**recipe_env(seen, MLFLOW_PASSWORD)),
+                          timeout=900).stdout
         assert f"registered model {NAME} version 1" in out, out[-3000:]
         stored = client.get_model_version_download_uri(NAME, "1")
         assert stored.startswith("mlflow-artifacts:/"), stored
@@ -186,19 +199,25 @@ def test_workers_on_three_hosts_share_a_study_through_the_servers(monkeypatch):
         retrain_s = time.monotonic() - start - study_s
 
         serving, asker = bench.host("serving"), bench.host("asker")
-        assert not serving.sees(server.artifacts) and not serving.sees(trainer.home)
-        serve_env = _mnist_opt_env(**{k: v for k, v in recipe.items() if k.startswith("MLFLOW_")})
+        assert not bench.isolates_files or not (serving.sees(server.artifacts)
+                                                or serving.sees(trainer.home))
+
+        def serve_env(host):  # the tracking server's variables only, as host reaches it
+            return _mnist_opt_env(**{k: v for k, v in recipe_env(
+                host.reach(db, server.port), MLFLOW_PASSWORD).items() if k.startswith("MLFLOW_")})
         scorer = serving.popen([sys.executable, "-m", "mnist_opt", "serve", NAME,
-                                "--host", serving.addr, "--port", "5001"], env=serve_env, log="serve")
+                                "--host", serving.addr, "--port", "5001"], env=serve_env(serving),
+                               log="serve")
         asker.run(["sh", "-c", f"{sys.executable} -m mnist_opt serve {NAME} --example 2 "
-                               "> body.json"], env=serve_env, timeout=300)
+                               "> body.json"], env=serve_env(asker), timeout=300)
         wait_http(f"http://{serving.addr}:5001/ping", 300, scorer)
         post = ("import json, sys, urllib.request\n"
                 "req = urllib.request.Request(sys.argv[1], data=open('body.json', 'rb').read(),"
                 " headers={'Content-Type': 'application/json'})\n"
                 "print(urllib.request.urlopen(req, timeout=120).read().decode())\n")
-        reply = asker.run([sys.executable, "-c", post, f"http://{serving.addr}:5001/invocations"],
-                          env=serve_env, timeout=180).stdout
+        reply = asker.run([sys.executable, "-c", post,
+                           f"http://{asker.reach(serving, 5001)}:5001/invocations"],
+                          env=serve_env(asker), timeout=180).stdout
         predictions = json.loads(reply.strip().splitlines()[-1])["predictions"]
         assert [len(row) for row in predictions] == [10, 10], reply[-2000:]
         assert all(abs(sum(row) - 1) < 1e-3 for row in predictions)
