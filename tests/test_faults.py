@@ -163,3 +163,24 @@ def test_kill_9_then_rerun_keeps_every_finished_trial_and_reaches_the_target(sto
     out = again.communicate(timeout=300)[0]
     assert again.returncode == 0 and "nothing to run" in out
     assert len(_trials(stores["storage"], "killed")) == len(after)
+
+
+def test_only_a_tracking_server_that_does_not_answer_counts_as_unreachable(monkeypatch, tmp_path):
+    """What makes a trial fail as "tracking server unreachable" (and run again) rather than
+    as a failure of its own: MLflow's client gave up reaching the server, not a refusal."""
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    from mnist_opt.tracking.runs import unreachable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(MlflowException) as refused:
+        MlflowClient(f"http://127.0.0.1:{port}").get_run("0" * 32)
+    assert unreachable(refused.value), refused.value
+    with pytest.raises(MlflowException) as missing:  # a store that answers: no such run
+        MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run("0" * 32)
+    assert not unreachable(missing.value), missing.value

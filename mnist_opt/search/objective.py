@@ -20,7 +20,7 @@ from mnist_opt.study import objectives
 from mnist_opt.study.config import StudyConfig
 from mnist_opt.study.space import suggest_params
 from mnist_opt.tracking import runs as tracking
-from mnist_opt.tracking.storage import STALE
+from mnist_opt.tracking.storage import STALE, requeue
 from mnist_opt.training.callbacks import InEpochReports, TrialCallback
 from mnist_opt.training.loop import fresh_model, train
 
@@ -129,9 +129,11 @@ def summary(study: optuna.Study, tolerance: float) -> dict[str, Any]:
 
 
 def counts_as_failure(trial: optuna.trial.FrozenTrial) -> bool:
-    """A failed trial, unless it was interrupted or failed as stale (its process died)."""
+    """A failed trial, unless it was interrupted, failed as stale (its process died) or
+    could not reach the tracking server: none of these says anything about its parameters."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    return trial.state == FAIL and not reason.startswith((tracking.INTERRUPTED, STALE))
+    return trial.state == FAIL and not reason.startswith((tracking.INTERRUPTED, STALE,
+                                                          tracking.AWAY))
 
 
 def failure_streak(trials: Sequence[optuna.trial.FrozenTrial],
@@ -266,18 +268,36 @@ def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
         slots.release()  # the loop ended (timeout, stop, Ctrl-C) after a claim
 
 
+def _after_outage(trial: optuna.Trial, exc: tracking.TrackingAway) -> None:
+    """A trial the tracking server could not record: queue its parameters again, wait until
+    the server answers, close the trial's run KILLED (RUNNING there since the outage)."""
+    print(f"{exc}; waiting for the server", flush=True)
+    requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))
+    waited = tracking.wait_for_server(exc.run_id)
+    reason = f"{tracking.AWAY}: the trial was run again"
+    try:
+        tracking.close_run(exc.run_id, "KILLED", {"state": "failed", "fail_reason": reason})
+    except MlflowException as err:  # away again already: say so, go on
+        print(f"trial {exc.number}: its MLflow run could not be closed KILLED "
+              f"({type(err).__name__})", flush=True)
+    print(f"MLflow tracking server answers again after {waited:.0f} s", flush=True)
+
+
 class _LostTrials(logging.Filter):
     """This worker's trials that another worker failed as stale while it ran them
     (:class:`~mnist_opt.tracking.runs.TrialLost`: a long database outage, a cut link).
 
     Optuna cannot tell such a trial: it logs the objective's error with its traceback and
     raises out of ``study.optimize``. As a logging filter this keeps Optuna's lines about a
-    lost trial out of the log; :func:`optimize` says it in one line and goes on.
+    lost trial out of the log; :func:`optimize` says it in one line and goes on. The same
+    filter keeps out those about a trial dropped because the tracking server was away
+    (:class:`~mnist_opt.tracking.runs.TrackingAway`, said by :func:`_after_outage`).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[tracking.TrialLost] = []
+        self.away: list[int] = []  # trials dropped because the tracking server was away
         self._reported = 0
         # the trial whose objective returned or was pruned, until Optuna has told it
         self.returned: optuna.Trial | None = None
@@ -295,6 +315,10 @@ class _LostTrials(logging.Filter):
                 raise
             except tracking.TrialLost as exc:
                 self.errors.append(exc)
+                raise
+            except tracking.TrackingAway as exc:  # Optuna fails it next: not a failed search
+                self.away.append(exc.number)
+                _after_outage(trial, exc)
                 raise
             except optuna.exceptions.UpdateFinishedTrialError:  # before its MLflow run opened
                 exc = tracking.TrialLost(trial.number)
@@ -334,7 +358,7 @@ class _LostTrials(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        lost = [exc.number for exc in self.errors]
+        lost = [exc.number for exc in self.errors] + self.away
         if self._pruned and self.returned is not None:  # a pruned trial "fails" only when it
             lost.append(self.returned.number)           # was failed under us (lost_at_tell)
         return not any(message.startswith(f"Trial {n} failed") for n in lost)

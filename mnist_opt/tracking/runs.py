@@ -31,6 +31,7 @@ from mnist_opt.tracking.serving import CHAMPION
 from mnist_opt.tracking.urls import DEFAULT_DIR, sqlite_init_lock, sqlite_path, tracking_uri
 
 INTERRUPTED = "interrupted"  # how an interrupted trial's fail_reason starts
+AWAY = "tracking server unreachable"  # how the fail_reason of a trial that lost MLflow starts
 
 # Given explicitly: letting MLflow infer requirements costs ~5 s per logged model.
 PIP_REQUIREMENTS = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
@@ -55,6 +56,56 @@ class TrialLost(Exception):
                          "could not reach the storage: its result is dropped, its parameters "
                          "run again as a new trial")
         self.number = number
+
+
+class TrackingAway(Exception):
+    """The MLflow tracking server did not answer a trial's call, past MLflow's own retries
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, about 4 minutes at the defaults): the trial cannot
+    be recorded, so it fails with ``fail_reason`` :data:`AWAY` and its parameters run again.
+    ``run_id``: its MLflow run, if it was opened (RUNNING on the server, to close once back)."""
+
+    def __init__(self, number: int, run_id: str | None, cause: BaseException):
+        super().__init__(f"trial {number}: the MLflow tracking server did not answer "
+                         f"({_cause(cause)}): the trial is dropped, its parameters run again")
+        self.number, self.run_id = number, run_id
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the tracking server could not be reached (refused, timed out, or
+    answering only errors until MLflow's retries ran out), not that it refused the request."""
+    import requests
+    from urllib3.exceptions import MaxRetryError
+
+    away = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+            MaxRetryError)
+    while exc is not None:
+        if isinstance(exc, away):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error's type: ConnectionRefusedError, ReadTimeout, …"""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return type(exc).__name__
+
+
+def wait_for_server(run_id: str | None) -> float:
+    """Block until the tracking server answers again (each try is a request with MLflow's
+    retries; pauses grow to 30 s between tries); the seconds waited."""
+    start, pause = time.monotonic(), 1.0
+    while True:
+        try:
+            client = MlflowClient()
+            client.get_run(run_id) if run_id else client.search_experiments(max_results=1)
+            return time.monotonic() - start
+        except MlflowException as exc:
+            if not unreachable(exc):
+                return time.monotonic() - start
+        time.sleep(pause)
+        pause = min(2 * pause, 30.0)
 
 
 def configure() -> str:
@@ -238,15 +289,23 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
     The parent is named explicitly, so worker processes nest under the invocation's run.
     The reason a trial did not complete goes to both sides: an MLflow tag and an Optuna
     user attribute (``prune_reason`` / ``fail_reason``, plus the traceback of an error).
+    A tracking server that does not answer past MLflow's retries raises :class:`TrackingAway`
+    (the reason on Optuna's side only: the server cannot take it).
     """
-    run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
-                           parent_run_id=parent.info.run_id,
-                           experiment_id=parent.info.experiment_id,
-                           tags={"trial_number": str(trial.number), "state": "running",
-                                 "mnist_opt.kind": "trial", "optuna.study_name":
-                                 trial.study.study_name, "keras_backend": keras.backend.backend()})
+    try:
+        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                               parent_run_id=parent.info.run_id,
+                               experiment_id=parent.info.experiment_id,
+                               tags={"trial_number": str(trial.number), "state": "running",
+                                     "mnist_opt.kind": "trial", "optuna.study_name":
+                                     trial.study.study_name,
+                                     "keras_backend": keras.backend.backend()})
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise _away(trial, None, exc) from exc
+        raise
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    start, state, status = time.monotonic(), "failed", "FAILED"
+    start, state, status, away = time.monotonic(), "failed", "FAILED", None
     try:
         mlflow.log_params(params)
         yield run
@@ -268,12 +327,28 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
         _record_failure(trial, f"{INTERRUPTED} (Ctrl-C or SIGTERM)", None)
         raise
     except Exception as exc:
+        if unreachable(exc):  # nothing more reaches the server: say so on Optuna's side only
+            away = _away(trial, run.info.run_id, exc)
+            raise away from exc
         _record_failure(trial, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         raise
     finally:
-        mlflow.log_metric("duration_s", time.monotonic() - start)
-        mlflow.set_tag("state", state)
-        mlflow.end_run(status)
+        try:
+            if away is None:
+                mlflow.log_metric("duration_s", time.monotonic() - start)
+                mlflow.set_tag("state", state)
+            mlflow.end_run(status)  # pops the run here before it asks the server
+        except MlflowException as exc:
+            # the trial completed, but its run cannot be closed: not a trial without its run
+            if away is None and unreachable(exc):
+                raise _away(trial, run.info.run_id, exc) from exc
+            if away is None:
+                raise
+
+
+def _away(trial: optuna.Trial, run_id: str | None, exc: BaseException) -> TrackingAway:
+    trial.set_user_attr("fail_reason", f"{AWAY}: {_cause(exc)}")
+    return TrackingAway(trial.number, run_id, exc)
 
 
 def _record_failure(trial: optuna.Trial, reason: str, trace: str | None) -> None:
@@ -404,13 +479,17 @@ def log_best_so_far(parent_run_id: str, tolerance: float):
             chosen = pick(study, tolerance)
         except ValueError:  # no completed trial yet
             return
-        if is_multi(study):
-            best = front_best(study)
-            client.log_metric(parent_run_id, "pareto_front_size", len(study.best_trials),
-                              step=trial.number)
-        else:
-            best = chosen.value
-        client.log_metric(parent_run_id, "best_value", best, step=trial.number)
-        client.set_tag(parent_run_id, "best_trial", str(chosen.number))
+        try:
+            if is_multi(study):
+                best = front_best(study)
+                client.log_metric(parent_run_id, "pareto_front_size", len(study.best_trials),
+                                  step=trial.number)
+            else:
+                best = chosen.value
+            client.log_metric(parent_run_id, "best_value", best, step=trial.number)
+            client.set_tag(parent_run_id, "best_trial", str(chosen.number))
+        except MlflowException as exc:  # the curve misses a point; the next trial's fills it
+            if not unreachable(exc):
+                raise
 
     return callback

@@ -69,6 +69,13 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
               "queued again", flush=True)
     tracking.close_run(trial.user_attrs.get("mlflow_run_id"), "KILLED",
                        {"state": "failed", "fail_reason": reason})
+    requeue(study, trial)
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue ``trial``'s parameters again, at most :data:`MAX_RETRY` times for one
+    configuration (Optuna's retry callback: the copy's ``failed_trial`` system attribute
+    names the first trial, ``retry_history`` each one since)."""
     with warnings.catch_warnings():  # experimental since 2.8, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
