@@ -163,11 +163,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(backend: str, root: Path, timeout: float = 180.0) -> Iterator[dict[str, str]]:
-    """``mlflow server`` on 127.0.0.1 with ``backend`` as its store and artifacts proxied to
-    ``root/artifacts``; yields ``{"uri", "backend", "artifacts", "log"}``, stops it afterwards."""
+def running_mlflow_server(backend: str, root: Path, timeout: float = 180.0,
+                          port: int | None = None) -> Iterator[dict[str, str]]:
+    """``mlflow server`` on 127.0.0.1 (``port``, default a free one) with ``backend`` as its
+    store and artifacts proxied to ``root/artifacts``; yields ``{"uri", "backend",
+    "artifacts", "log"}``, stops it afterwards."""
     root.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), root / "mlflow-server.log"
+    port, log = port or free_port(), root / "mlflow-server.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", backend,
            "--artifacts-destination", str(root / "artifacts")]

@@ -449,7 +449,9 @@ class _Proxy(threading.Thread):
         self.open = threading.Event()
         self.open.set()
         self.server = socket.create_server(listen)
-        self.sockets: list[socket.socket] = []
+        self.sockets: set[socket.socket] = set()  # of the connections not ended yet
+        self.closed = False
+        self.lock = threading.Lock()
         self.start()
 
     def run(self) -> None:
@@ -463,31 +465,46 @@ class _Proxy(threading.Thread):
     def _connect(self, client: socket.socket) -> None:
         self.open.wait()
         try:
+            if self.closed:
+                raise OSError("closed")
             upstream = socket.create_connection(self.target, timeout=30,
                                                 source_address=(self.source, 0))
         except OSError:
             client.close()
             return
         upstream.settimeout(None)
-        self.sockets += [client, upstream]
-        for src, dst in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+        pair, pumps = (client, upstream), [2]
+        self.sockets.update(pair)
+        for src, dst in (pair, pair[::-1]):
+            threading.Thread(target=self._pump, args=(src, dst, pair, pumps), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, pair, pumps: list[int]) -> None:
         try:
             while data := src.recv(65536):
                 self.open.wait()
                 dst.sendall(data)
             self.open.wait()  # a closed connection is news that a cut link holds back too
             dst.shutdown(socket.SHUT_WR)  # pass the end of one direction on
-        except OSError:  # one side is gone: so is the connection
-            for sock in (src, dst):
-                sock.close()
+        except OSError:  # one side is gone: so is the connection (wakes the other pump)
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            pumps[0] -= 1
+            if pumps[0]:
+                return
+        for sock in pair:  # both directions ended
+            sock.close()
+            self.sockets.discard(sock)
 
     def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes accept(); close alone does not
         self.server.close()
-        for sock in self.sockets:
-            sock.close()
+        for sock in list(self.sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.open.set()  # let waiting threads see the closed sockets and end
 
 
@@ -548,7 +565,9 @@ class LoopbackBench(Bench):
     is a loopback address ``127.K.0.N`` of this machine (K free, per bench), and a host
     reaches another only through a TCP relay of its own (:meth:`Host.reach`), which
     :meth:`Host.down` holds to cut its links. What it does not give: hosts see each other's
-    files and share a host name and ``/tmp`` (runs as root, for PostgreSQL's own user)."""
+    files (``readonly`` is not applied) and share a host name and ``/tmp``; it runs as root,
+    for PostgreSQL's own user. After a crash, the next bench removes its folders only: its
+    servers' processes are left to whoever killed the run."""
 
     kind = "loopback"
     isolates_files = False

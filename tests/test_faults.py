@@ -1,6 +1,7 @@
 """Faults: NaN losses, exceptions inside trials, Ctrl-C, kill -9 and restart — real processes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,8 +73,8 @@ def test_an_exception_in_a_trial_is_recorded_and_the_study_goes_on(stores, tmp_p
     assert all(t.state == TS.COMPLETE for t in good)
 
 
-def _start(path: Path, cwd: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "MNIST_OPT_HEARTBEAT": "2", "MNIST_OPT_GRACE": "4"}
+def _start(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "MNIST_OPT_HEARTBEAT": "2", "MNIST_OPT_GRACE": "4", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "mnist_opt", "study", str(path), "-q", "-w", "1",
                              *extra],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -165,6 +166,42 @@ def test_kill_9_then_rerun_keeps_every_finished_trial_and_reaches_the_target(sto
     assert len(_trials(stores["storage"], "killed")) == len(after)
 
 
+def test_a_lone_worker_whose_tracking_server_goes_away_loses_only_the_trial_it_cut(stores,
+                                                                                 tmp_path):
+    """The tracking server stops mid-trial and comes back 8 s later, past the client's
+    retries (made short): the trial it cut fails as "tracking server unreachable", its run
+    ends KILLED, its parameters run again, and the one worker still finishes all of the
+    study's trials (the cut one is not one of them), in three lines and no traceback."""
+    from conftest import free_port, running_mlflow_server
+
+    path = _study_file(tmp_path, "away", search={"n_trials": 3}, training={"max_epochs": 30})
+    root, port = tmp_path / "server", free_port()
+    backend = f"sqlite:///{root / 'mlflow.db'}"
+    with running_mlflow_server(backend, root, port=port) as server:
+        proc = _start(path, tmp_path, env={
+            "MLFLOW_TRACKING_URI": server["uri"], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+        _wait_for(lambda: _mid_trial(stores["storage"], "away"), "a trial under way", proc)
+    time.sleep(8)  # stopped: refused, past the retries
+    with running_mlflow_server(backend, root, port=port) as server:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        trials = _trials(stores["storage"], "away")
+        client = MlflowClient(server["uri"])
+        cut = [t for t in trials if t.state == TS.FAIL]
+        assert len(cut) == 1 and cut[0].user_attrs["fail_reason"].startswith(
+            "tracking server unreachable"), [(t.number, t.state, t.user_attrs) for t in trials]
+        assert client.get_run(cut[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+        again = [t for t in trials if t.system_attrs.get("failed_trial") == cut[0].number]
+        assert [t.state for t in again] == [TS.COMPLETE] and again[0].params == cut[0].params
+        assert sum(t.state == TS.COMPLETE for t in trials) == 3
+        runs = client.search_runs([client.get_experiment_by_name("away").experiment_id])
+        assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    said = [line for line in out.splitlines() if "tracking server" in line]
+    assert "Traceback" not in out and len(said) <= 3, said
+    assert any("did not answer" in line for line in said), said
+
+
 def test_only_a_tracking_server_that_does_not_answer_counts_as_unreachable(monkeypatch, tmp_path):
     """What makes a trial fail as "tracking server unreachable" (and run again) rather than
     as a failure of its own: MLflow's client gave up reaching the server, not a refusal."""
@@ -181,6 +218,35 @@ def test_only_a_tracking_server_that_does_not_answer_counts_as_unreachable(monke
     with pytest.raises(MlflowException) as refused:
         MlflowClient(f"http://127.0.0.1:{port}").get_run("0" * 32)
     assert unreachable(refused.value), refused.value
+    with _answering(503) as url:  # answers, but only "unavailable", past the retries
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        with pytest.raises(MlflowException) as unavailable:
+            MlflowClient(url).get_run("0" * 32)
+    assert unreachable(unavailable.value), unavailable.value
     with pytest.raises(MlflowException) as missing:  # a store that answers: no such run
         MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run("0" * 32)
     assert not unreachable(missing.value), missing.value
+
+
+@contextlib.contextmanager
+def _answering(status: int):
+    """An HTTP server on 127.0.0.1 that answers every request with ``status``; its URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

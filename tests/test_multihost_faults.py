@@ -205,7 +205,9 @@ def _fault_report(procs, pattern: str, at_least: int = 1) -> dict[str, list[str]
 def test_a_sigkilled_worker_s_trial_is_failed_as_stale_and_run_again(as_worker):
     """(d) A worker's process is killed mid-trial (``kill -9``): another worker fails its
     trial once its heartbeat is older than the grace period, closes its run KILLED and
-    queues its parameters again; the two others finish the study."""
+    queues its parameters again; the two others finish the study. (On the loopback bench
+    every host has the machine's name, so a peer may also see the process gone; the
+    heartbeat, checked first, still says it.)"""
     stack, name, n_trials = as_worker, "kill9", 4
     start = time.monotonic()
     procs = stack.start(name, n_trials, heartbeat=1, grace=4)
@@ -344,12 +346,15 @@ def test_a_tracking_server_away_past_mlflow_s_retries_costs_only_the_trials_it_c
     start = time.monotonic()
     procs, trials, away_s = _tracking_server_away(stack, name, n_trials, 20, **short)
     cut = [t for t in trials if t.state == TS.FAIL]
-    assert cut and all(t.user_attrs["fail_reason"].startswith("tracking server unreachable")
+    # one per worker, as many as search.max_consecutive_failures' default: counted as
+    # failures, they would have stopped the study (and the workers' exit codes said so)
+    assert len(cut) >= 3 and all(t.user_attrs["fail_reason"].startswith("tracking server unreachable")
                        for t in cut), [t.user_attrs for t in cut]
     client = MlflowClient(stack.server.uri)
     for t in cut:
         _requeued(trials, t)
-        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED", t.number
+        run_id = t.user_attrs.get("mlflow_run_id")  # none: cut as its run was being opened
+        assert run_id is None or client.get_run(run_id).info.status == "KILLED", t.number
     lines = _fault_report(procs, r"tracking server")
     assert all(any("did not answer" in line for line in found) for found in lines.values()), lines
     print(f"\nmlflow server away {away_s:.0f} s, past the clients' retries: study of {n_trials} "

@@ -3,6 +3,7 @@ that runs one process's share of a study's trials."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -73,7 +74,8 @@ def make_objective(cfg: StudyConfig, split: data.Split, parent: mlflow.entities.
             finally:  # the memory figure of `make bench`, and a leak shows in the MLflow UI
                 rss = rss_mb()
                 trial.set_user_attr("rss_mb", rss)
-                mlflow.log_metric("rss_mb", rss)
+                if not tracking.unreachable(sys.exc_info()[1]):  # not minutes more of retries
+                    mlflow.log_metric("rss_mb", rss)
 
     return objective
 
@@ -140,8 +142,9 @@ def failure_streak(trials: Sequence[optuna.trial.FrozenTrial],
                    limit: int) -> list[optuna.trial.FrozenTrial]:
     """The first ``limit`` failed trials in a row, in completion order; [] if there are none.
 
-    A complete or pruned trial ends a run of failures; interrupted and stale trials are
-    skipped (they say nothing about the search). The first run, not the latest: once the
+    A complete or pruned trial ends a run of failures; interrupted and stale trials, and
+    those the tracking server could not record, are skipped (they say nothing about the
+    search). The first run, not the latest: once the
     limit is hit, a trial that another worker completes afterwards does not revive the study.
     """
     done = sorted((t for t in trials if t.state.is_finished() and t.datetime_complete),
@@ -227,32 +230,37 @@ def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
     timeout = cfg.search.timeout
     slots = TrialSlots(study, url, cfg.search.n_trials, lambda: budget_spent(cfg, study),
                        None if timeout is None else time.monotonic() + timeout, host_claim)
-    if not slots.claim():
+    if n_trials <= 0 or not slots.claim():
         return
     objective = make_objective(cfg, split, parent, verbose, freeze)
     lost, left = _LostTrials(), n_trials
 
     def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal left
-        left -= 1
         lost.returned = None  # told: whatever fails from here on is not about that trial
+        if lost.dropped(trial.number):  # not one of ours: its copy runs instead
+            return
+        left -= 1
+        if left <= 0:
+            study.stop()
 
     optuna_log = logging.getLogger("optuna.study._optimize")
     optuna_log.addFilter(lost)
     try:
         while True:
             try:
-                study.optimize(
-                    lost.watch(slots.gated(objective)), n_trials=left, timeout=timeout,
+                study.optimize(  # n_trials: `count` stops it (a dropped trial is not counted)
+                    lost.watch(slots.gated(objective)), timeout=timeout,
                     catch=(Exception,), gc_after_trial=False,
-                    callbacks=[count, stop_at_target(cfg.search.n_trials),
+                    callbacks=[lost.after_outage, count, stop_at_target(cfg.search.n_trials),
                                stop_on_failures(cfg.search.max_consecutive_failures,
                                                 started(parent)),
                                stop_at_epoch_budget(cfg),
                                tracking.log_best_so_far(parent.info.run_id,
                                                         cfg.search.pick_tolerance),
                                lambda study, trial: interrupt.check(), *callbacks,
-                               slots.claim_next(left)])  # last: the lock is held until the next ask
+                               # last: the lock is held until the next ask
+                               slots.claim_next(lambda: left > 0)])
                 return
             # Optuna could not tell a trial that another worker failed under us: one whose
             # objective raised TrialLost ("Cannot tell a FAIL trial"), or one whose objective had
@@ -268,21 +276,6 @@ def optimize(cfg: StudyConfig, study: optuna.Study, url: str, split: data.Split,
         slots.release()  # the loop ended (timeout, stop, Ctrl-C) after a claim
 
 
-def _after_outage(trial: optuna.Trial, exc: tracking.TrackingAway) -> None:
-    """A trial the tracking server could not record: queue its parameters again, wait until
-    the server answers, close the trial's run KILLED (RUNNING there since the outage)."""
-    print(f"{exc}; waiting for the server", flush=True)
-    requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))
-    waited = tracking.wait_for_server(exc.run_id)
-    reason = f"{tracking.AWAY}: the trial was run again"
-    try:
-        tracking.close_run(exc.run_id, "KILLED", {"state": "failed", "fail_reason": reason})
-    except MlflowException as err:  # away again already: say so, go on
-        print(f"trial {exc.number}: its MLflow run could not be closed KILLED "
-              f"({type(err).__name__})", flush=True)
-    print(f"MLflow tracking server answers again after {waited:.0f} s", flush=True)
-
-
 class _LostTrials(logging.Filter):
     """This worker's trials that another worker failed as stale while it ran them
     (:class:`~mnist_opt.tracking.runs.TrialLost`: a long database outage, a cut link).
@@ -291,13 +284,14 @@ class _LostTrials(logging.Filter):
     raises out of ``study.optimize``. As a logging filter this keeps Optuna's lines about a
     lost trial out of the log; :func:`optimize` says it in one line and goes on. The same
     filter keeps out those about a trial dropped because the tracking server was away
-    (:class:`~mnist_opt.tracking.runs.TrackingAway`, said by :func:`_after_outage`).
+    (:class:`~mnist_opt.tracking.runs.TrackingAway`, said by :meth:`after_outage`).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[tracking.TrialLost] = []
-        self.away: list[int] = []  # trials dropped because the tracking server was away
+        # trials dropped because the tracking server was away (TrackingAway)
+        self.away: dict[int, tracking.TrackingAway] = {}
         self._reported = 0
         # the trial whose objective returned or was pruned, until Optuna has told it
         self.returned: optuna.Trial | None = None
@@ -316,9 +310,16 @@ class _LostTrials(logging.Filter):
             except tracking.TrialLost as exc:
                 self.errors.append(exc)
                 raise
-            except tracking.TrackingAway as exc:  # Optuna fails it next: not a failed search
-                self.away.append(exc.number)
-                _after_outage(trial, exc)
+            except tracking.TrackingAway as exc:  # Optuna fails it, then after_outage runs
+                frozen = trial.study._storage.get_trial(trial._trial_id)
+                if frozen.state != optuna.trial.TrialState.RUNNING:  # failed as stale (and
+                    lost = tracking.TrialLost(trial.number)         # queued) by another
+                    self.errors.append(lost)
+                    raise lost from exc
+                self.away[exc.number] = exc
+                # queued while it still holds its slot in the gate: a copy queued after the
+                # tell could lose that slot to a new trial of another worker
+                exc.queued = requeue(trial.study, frozen)
                 raise
             except optuna.exceptions.UpdateFinishedTrialError:  # before its MLflow run opened
                 exc = tracking.TrialLost(trial.number)
@@ -326,6 +327,33 @@ class _LostTrials(logging.Filter):
                 raise exc from None
 
         return run
+
+    def after_outage(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """An Optuna callback, once Optuna failed a trial the tracking server could not
+        record (its parameters queued again already): wait until the server answers (an
+        interrupt stops the wait), close the trial's run KILLED, then go on."""
+        exc = self.away.get(trial.number)
+        if exc is None:
+            return
+        again = "queued again" if exc.queued else "not queued again (cut too often)"
+        print(f"{exc}; its parameters {again}; waiting for the server", flush=True)
+        waited = tracking.wait_for_server(exc.run_id, interrupt.check)
+        # answering at once, the server was not away: what failed was one kind of request
+        # (a broken artifact store); counted as one of this worker's trials, so it cannot
+        # go on forever
+        exc.counted = waited < 1.0
+        try:
+            tracking.close_run(exc.run_id, "KILLED", {"state": "failed", "fail_reason": str(
+                trial.user_attrs.get("fail_reason"))}, ended=True)
+        except MlflowException as err:  # away again already: say so, go on
+            print(f"trial {exc.number}: its MLflow run could not be closed KILLED "
+                  f"({type(err).__name__})", flush=True)
+        print(f"MLflow tracking server answers again after {waited:.0f} s", flush=True)
+
+    def dropped(self, number: int) -> bool:
+        """Whether trial ``number`` was dropped for an outage (not one of this worker's)."""
+        exc = self.away.get(number)
+        return exc is not None and not exc.counted
 
     def lost_at_tell(self, study: optuna.Study) -> bool:
         """True when the trial whose objective returned (or was pruned) was failed as stale by
@@ -358,7 +386,7 @@ class _LostTrials(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        lost = [exc.number for exc in self.errors] + self.away
+        lost = [exc.number for exc in self.errors] + list(self.away)
         if self._pruned and self.returned is not None:  # a pruned trial "fails" only when it
             lost.append(self.returned.number)           # was failed under us (lost_at_tell)
         return not any(message.startswith(f"Trial {n} failed") for n in lost)

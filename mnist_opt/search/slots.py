@@ -110,15 +110,17 @@ class TrialSlots:
 
         return run
 
-    def claim_next(self, n_trials: int):
-        """An Optuna callback, the last of a loop that runs up to ``n_trials`` trials and
-        claimed its first: claim the next before Optuna asks for it, or stop the loop."""
+    def claim_next(self, n_trials: int | Callable[[], bool]):
+        """An Optuna callback, the last of a loop that runs up to ``n_trials`` trials (or
+        while ``n_trials()`` says another follows) and claimed its first: claim the next
+        before Optuna asks for it, or stop the loop."""
         done = 0
 
         def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             nonlocal done
             done += 1
-            if done < n_trials and not self.claim():
+            more = n_trials() if callable(n_trials) else done < n_trials
+            if more and not self.claim():
                 study.stop()
 
         return callback

@@ -62,22 +62,26 @@ class TrackingAway(Exception):
     """The MLflow tracking server did not answer a trial's call, past MLflow's own retries
     (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, about 4 minutes at the defaults): the trial cannot
     be recorded, so it fails with ``fail_reason`` :data:`AWAY` and its parameters run again.
-    ``run_id``: its MLflow run, if it was opened (RUNNING on the server, to close once back)."""
+    ``run_id``: its MLflow run, if it was opened (to close KILLED once the server is back)."""
 
     def __init__(self, number: int, run_id: str | None, cause: BaseException):
         super().__init__(f"trial {number}: the MLflow tracking server did not answer "
-                         f"({_cause(cause)}): the trial is dropped, its parameters run again")
+                         f"({_cause(cause)}): the trial is dropped")
         self.number, self.run_id = number, run_id
+        self.queued = self.counted = False  # set by the search loop that catches it
 
 
-def unreachable(exc: BaseException) -> bool:
+def unreachable(exc: BaseException | None) -> bool:
     """Whether ``exc`` means the tracking server could not be reached (refused, timed out, or
-    answering only errors until MLflow's retries ran out), not that it refused the request."""
+    answering only errors until MLflow's retries ran out, as it does while its database is
+    down), not that it refused the request. A server that answers one request with errors
+    for good (a broken artifact store) looks the same: its trials run again, each after
+    MLflow's retries, and do not stop the study as failures would."""
     import requests
     from urllib3.exceptions import MaxRetryError
 
     away = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
-            MaxRetryError)
+            requests.exceptions.ChunkedEncodingError, MaxRetryError)
     while exc is not None:
         if isinstance(exc, away):
             return True
@@ -92,20 +96,44 @@ def _cause(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def wait_for_server(run_id: str | None) -> float:
+def wait_for_server(run_id: str | None, check=lambda: None) -> float:
     """Block until the tracking server answers again (each try is a request with MLflow's
-    retries; pauses grow to 30 s between tries); the seconds waited."""
+    retries; pauses grow to 30 s between tries); the seconds waited. ``check()`` runs before
+    each try (it raises to stop waiting: an interrupt)."""
     start, pause = time.monotonic(), 1.0
-    while True:
-        try:
-            client = MlflowClient()
-            client.get_run(run_id) if run_id else client.search_experiments(max_results=1)
-            return time.monotonic() - start
-        except MlflowException as exc:
-            if not unreachable(exc):
+    _RetryNotice.waiting = True
+    try:
+        while True:
+            check()
+            if not _answers_health():  # a short probe first: a try with MLflow's retries
+                time.sleep(pause)      # takes minutes, and an interrupt waits for it
+                pause = min(2 * pause, 30.0)
+                continue
+            try:
+                client = MlflowClient()
+                client.get_run(run_id) if run_id else client.search_experiments(max_results=1)
                 return time.monotonic() - start
-        time.sleep(pause)
-        pause = min(2 * pause, 30.0)
+            except MlflowException as exc:
+                if not unreachable(exc):
+                    return time.monotonic() - start
+            time.sleep(pause)
+            pause = min(2 * pause, 30.0)
+    finally:
+        _RetryNotice.waiting = False
+
+
+def _answers_health() -> bool:
+    """Whether the tracking server answers ``GET /health`` within 10 s (no retries; True for
+    a tracking URI that is no server)."""
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=10).ok
+    except requests.RequestException:
+        return False
 
 
 def configure() -> str:
@@ -135,13 +163,14 @@ class _RetryNotice(logging.Handler):
     one shows. Say it once per ``QUIET_S``, not once per retry, and with no traceback."""
 
     QUIET_S = 300.0
+    waiting = False  # a worker that said it waits for the server does not repeat it
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self._last = -self.QUIET_S
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not str(record.msg).startswith("Retrying") or \
+        if not str(record.msg).startswith("Retrying") or _RetryNotice.waiting or \
                 time.monotonic() - self._last < self.QUIET_S:
             return
         self._last = time.monotonic()
@@ -304,9 +333,10 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
         if unreachable(exc):
             raise _away(trial, None, exc) from exc
         raise
-    trial.set_user_attr("mlflow_run_id", run.info.run_id)
     start, state, status, away = time.monotonic(), "failed", "FAILED", None
+    tags: dict[str, str] = {}  # the run's, sent with its end: one place that meets an outage
     try:
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
         mlflow.log_params(params)
         yield run
         # a write that fails when another worker failed the trial meanwhile: then the run
@@ -316,34 +346,43 @@ def trial_run(trial: optuna.Trial, params: dict[str, Any],
     except optuna.exceptions.UpdateFinishedTrialError:
         # the stale check closed the run KILLED already, unless it could not reach MLflow
         status = "KILLED"
-        mlflow.set_tag("fail_reason", "stale: failed by another worker (no heartbeat)")
+        tags["fail_reason"] = "stale: failed by another worker (no heartbeat)"
         raise TrialLost(trial.number) from None
     except optuna.TrialPruned as exc:
         state, status = "pruned", "KILLED"
-        mlflow.set_tag("prune_reason", str(exc) or "pruner")
+        tags["prune_reason"] = str(exc) or "pruner"
         raise
     except KeyboardInterrupt:
         status = "KILLED"
-        _record_failure(trial, f"{INTERRUPTED} (Ctrl-C or SIGTERM)", None)
+        tags.update(_record_failure(trial, f"{INTERRUPTED} (Ctrl-C or SIGTERM)", None))
         raise
     except Exception as exc:
         if unreachable(exc):  # nothing more reaches the server: say so on Optuna's side only
-            away = _away(trial, run.info.run_id, exc)
+            try:
+                away = _away(trial, run.info.run_id, exc)
+            except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale meanwhile
+                away = TrialLost(trial.number)
             raise away from exc
-        _record_failure(trial, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        tags.update(_record_failure(trial, f"{type(exc).__name__}: {exc}",
+                                    traceback.format_exc()))
         raise
     finally:
-        try:
-            if away is None:
+        if away is not None:
+            _forget_active_run(run.info.run_id)  # end_run would retry for minutes again
+        else:
+            try:
                 mlflow.log_metric("duration_s", time.monotonic() - start)
-                mlflow.set_tag("state", state)
-            mlflow.end_run(status)  # pops the run here before it asks the server
-        except MlflowException as exc:
-            # the trial completed, but its run cannot be closed: not a trial without its run
-            if away is None and unreachable(exc):
-                raise _away(trial, run.info.run_id, exc) from exc
-            if away is None:
-                raise
+                mlflow.set_tags({"state": state, **tags})
+                mlflow.end_run(status)  # pops the run here before it asks the server
+            except MlflowException as exc:
+                _forget_active_run(run.info.run_id)
+                if not unreachable(exc):
+                    raise
+                # a result the server cannot take is run again, never kept without its run;
+                # a failed, lost or interrupted trial keeps its own error (its run stays
+                # RUNNING until `mnist-opt study` closes the orphans of this host)
+                if state in ("complete", "pruned"):
+                    raise _away(trial, run.info.run_id, exc) from exc
 
 
 def _away(trial: optuna.Trial, run_id: str | None, exc: BaseException) -> TrackingAway:
@@ -351,12 +390,22 @@ def _away(trial: optuna.Trial, run_id: str | None, exc: BaseException) -> Tracki
     return TrackingAway(trial.number, run_id, exc)
 
 
-def _record_failure(trial: optuna.Trial, reason: str, trace: str | None) -> None:
+def _forget_active_run(run_id: str) -> None:
+    """Drop run ``run_id`` from this process's active runs without asking the server, if it
+    is still the active one (``mlflow.end_run`` pops it before it calls the server)."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()  # private: MLflow has no public local-only end
+    if stack and stack[-1].info.run_id == run_id:
+        stack.pop()
+
+
+def _record_failure(trial: optuna.Trial, reason: str, trace: str | None) -> dict[str, str]:
+    """Record why ``trial`` failed on Optuna's side; the same for its MLflow run's tags."""
     trial.set_user_attr("fail_reason", reason[:2000])
-    mlflow.set_tag("fail_reason", reason[:5000])
     if trace:
         trial.set_user_attr("traceback", trace[-4000:])
-        mlflow.set_tag("traceback", trace[-5000:])
+    return {"fail_reason": reason[:5000], **({"traceback": trace[-5000:]} if trace else {})}
 
 
 def close_run(run_id: str | None, status: str, tags: dict[str, str],

@@ -40,8 +40,11 @@ STALE = "stale"  # how a stale trial's fail_reason starts
 _NO_HEARTBEAT = f"{STALE}: no heartbeat"
 OWNER = ("host", "pid", "pid_started")  # user attrs: who runs the trial
 # What a re-queued trial must not inherit from the dead one: its owner would look dead at
-# once, and its failure would stick to a trial that then completes.
-_NOT_INHERITED = (*OWNER, "fail_reason", "traceback", "mlflow_run_id")
+# once, its failure would stick to a trial that then completes, and what it measured before
+# it was cut (epochs count towards search.epoch_budget) belongs to it alone.
+_NOT_INHERITED = (*OWNER, "fail_reason", "traceback", "mlflow_run_id", "epoch_log", "epochs",
+                  "pruned_at_epoch", "prune_reason", "val_accuracy", "rss_mb", "duration_s",
+                  "n_params")
 
 
 def default_storage() -> str:
@@ -72,14 +75,15 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     requeue(study, trial)
 
 
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     """Queue ``trial``'s parameters again, at most :data:`MAX_RETRY` times for one
     configuration (Optuna's retry callback: the copy's ``failed_trial`` system attribute
-    names the first trial, ``retry_history`` each one since)."""
+    names the first trial, ``retry_history`` each one since); whether it was queued."""
     with warnings.catch_warnings():  # experimental since 2.8, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     retry(study, _without(trial, _NOT_INHERITED))
+    return len(trial.system_attrs.get("retry_history", [])) < MAX_RETRY  # the callback's rule
 
 
 def _without(trial: optuna.trial.FrozenTrial, keys: tuple[str, ...]) -> optuna.trial.FrozenTrial:
