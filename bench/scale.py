@@ -86,6 +86,7 @@ CALLS = ("gate", "ask", "suggest", "report", "set_user_attr", "tell",
          "mlflow.create_run", "mlflow.log_params", "mlflow.log_metric", "mlflow.log_artifact",
          "mlflow.end_run")
 MLFLOW_CALLS = CALLS[6:]
+OPTUNA_CALLS = CALLS[:6]
 SUPERUSER_RESERVED = 3  # PostgreSQL's default: connections only superusers get
 COORDINATION_SHARE = 0.10  # "feeds" a worker while coordination is at most this share of its time
 
@@ -710,21 +711,17 @@ def floor(out: dict) -> list[str]:
     """One worker alone (N = 1): what the calls the simulated trial must make cost by
     themselves, summed per trial, Optuna's apart from MLflow's: the coordination cost that no
     server capacity removes on this machine."""
-    lines = []
-    for r in (r for r in out["results"] if r["n"] == 1):
-        lat = r["latency_s"]
+    def total(lat: dict, names, q: str) -> float:
+        return sum(lat[n][q] * PER_TRIAL.get(n, 1) for n in names if lat[n][q] is not None)
 
-        def total(names, q):
-            return sum(lat[n][q] * PER_TRIAL.get(n, 1) for n in names if lat[n][q] is not None)
+    def both(lat: dict, names) -> str:
+        return f"{_ms(total(lat, names, 'p50'))} / {_ms(total(lat, names, 'p95'))} ms"
 
-        optuna_calls = [n for n in CALLS if n not in MLFLOW_CALLS]
-        lines.append(
-            f"{r['storage']}: Optuna's calls (gate, ask, the suggestions, set_user_attr, 10 "
-            f"reports with should_prune, tell) {_ms(total(optuna_calls, 'p50'))} / "
-            f"{_ms(total(optuna_calls, 'p95'))} ms, MLflow's {_ms(total(MLFLOW_CALLS, 'p50'))} / "
-            f"{_ms(total(MLFLOW_CALLS, 'p95'))} ms (of which the 10 log_metric "
-            f"{_ms(total(['mlflow.log_metric'], 'p50'))} / "
-            f"{_ms(total(['mlflow.log_metric'], 'p95'))} ms)")
+    lines = [f"{r['storage']}: Optuna's calls (gate, ask, the suggestions, set_user_attr, "
+             f"{STEPS} reports with should_prune, tell) {both(r['latency_s'], OPTUNA_CALLS)}, "
+             f"MLflow's {both(r['latency_s'], MLFLOW_CALLS)} (of which the {STEPS} log_metric "
+             f"{both(r['latency_s'], ['mlflow.log_metric'])})"
+             for r in out["results"] if r["n"] == 1]
     if not lines:
         return []
     return ["- One worker alone (N = 1, nothing else running), each call's p50 / p95 summed over "

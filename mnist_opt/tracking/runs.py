@@ -82,18 +82,19 @@ def unreachable(exc: BaseException | None) -> bool:
 
     away = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
             requests.exceptions.ChunkedEncodingError, MaxRetryError)
+    return any(isinstance(err, away) for err in _chain(exc))
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling, outermost first."""
     while exc is not None:
-        if isinstance(exc, away):
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _cause(exc: BaseException) -> str:
     """The innermost error's type: ConnectionRefusedError, ReadTimeout, …"""
-    while (exc.__cause__ or exc.__context__) is not None:
-        exc = exc.__cause__ or exc.__context__
-    return type(exc).__name__
+    return type(list(_chain(exc))[-1]).__name__
 
 
 def wait_for_server(run_id: str | None, check=lambda: None) -> float:
@@ -105,17 +106,16 @@ def wait_for_server(run_id: str | None, check=lambda: None) -> float:
     try:
         while True:
             check()
-            if not _answers_health():  # a short probe first: a try with MLflow's retries
-                time.sleep(pause)      # takes minutes, and an interrupt waits for it
-                pause = min(2 * pause, 30.0)
-                continue
-            try:
-                client = MlflowClient()
-                client.get_run(run_id) if run_id else client.search_experiments(max_results=1)
-                return time.monotonic() - start
-            except MlflowException as exc:
-                if not unreachable(exc):
+            # a short probe first: a try with MLflow's retries takes minutes, and an
+            # interrupt waits for it
+            if _answers_health():
+                try:
+                    client = MlflowClient()
+                    client.get_run(run_id) if run_id else client.search_experiments(max_results=1)
                     return time.monotonic() - start
+                except MlflowException as exc:
+                    if not unreachable(exc):
+                        return time.monotonic() - start
             time.sleep(pause)
             pause = min(2 * pause, 30.0)
     finally:
